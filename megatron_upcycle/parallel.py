@@ -1,6 +1,7 @@
 """Process groups and seeding: torch.distributed + Megatron's parallel_state."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import tempfile
@@ -74,3 +75,23 @@ def destroy_distributed() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def single_process_groups(backend: Backend | None = None, seed: int = 0):
+    """Megatron groups for one process (world size 1) for the body, torn down after.
+
+    For offline work in a plain process: counting parameters on the meta device,
+    conversion, export, inspection. When the caller already set groups up (a test,
+    a training process) they are used as they are and left alone.
+    """
+    if dist.is_initialized():
+        yield
+        return
+    from megatron_upcycle.backend import select_backend
+
+    init_distributed(backend or select_backend(force_cpu=True), ParallelConfig(), seed)
+    try:
+        yield
+    finally:
+        destroy_distributed()

@@ -41,7 +41,7 @@ def plot_training_curves(plan: Plan, out: Path) -> Path | None:
         for run in plan.runs:
             if run.model_kind != kind or run.kind == "convert":
                 continue
-            path = plan.run_dir(run) / "metrics.jsonl"
+            path = plan.run_dir(run).metrics
             if not path.exists():
                 continue
             points = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

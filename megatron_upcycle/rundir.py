@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_upcycle.atomic import write_json_atomic
+from megatron_upcycle.errors import ConfigError
 from megatron_upcycle.exit_codes import RunBusy
 
 CONFIG_FILE = "config.yaml"
@@ -35,6 +36,7 @@ MOE_CHECKPOINT_DIR = "moe_checkpoint"
 METRICS_FILE = "metrics.jsonl"
 RESULT_FILE = "result.json"
 LOCK_FILE = ".lock"
+IDENTITY_FILE = "run_identity.json"
 
 
 def checkpoint_name(iteration: int) -> str:
@@ -95,6 +97,10 @@ class RunDir:
     def lock_file(self) -> Path:
         return self.path / LOCK_FILE
 
+    @property
+    def identity_file(self) -> Path:
+        return self.path / IDENTITY_FILE
+
     # -- state ------------------------------------------------------------------
     def is_done(self) -> bool:
         return self.result.exists()
@@ -111,6 +117,33 @@ class RunDir:
 
     def write_result(self, result: dict) -> None:
         write_json_atomic(self.result, result)
+
+    # -- ownership --------------------------------------------------------------
+    def check_owner(self, identity: dict) -> None:
+        """A run directory belongs to the run that created it: refuse another one.
+
+        ``identity`` names what makes a run that run (kind, parent, start checkpoint,
+        model); keys the directory's record lacks are not compared.
+        """
+        try:
+            recorded = json.loads(self.identity_file.read_text())
+        except (OSError, ValueError):
+            return
+        differs = {k: (recorded[k], v) for k, v in identity.items() if k in recorded and recorded[k] != v}
+        if differs:
+            what = "; ".join(f"{k}: {old!r} there, {new!r} here" for k, (old, new) in differs.items())
+            raise ConfigError(f"run directory {self.path} belongs to another run ({what}): use a new run "
+                              "directory, or delete that one")
+
+    def claim(self, identity: dict) -> None:
+        """Check ownership and record (or extend) the directory's identity."""
+        self.check_owner(identity)
+        try:
+            recorded = json.loads(self.identity_file.read_text())
+        except (OSError, ValueError):
+            recorded = {}
+        if any(k not in recorded for k in identity):
+            write_json_atomic(self.identity_file, {**recorded, **identity})
 
     # -- the lock ---------------------------------------------------------------
     def holder(self) -> str | None:

@@ -80,20 +80,50 @@ def phase_of(iteration: int, warmup_iters: int, plan: BudgetPlan) -> str:
     return "decay"
 
 
-def megatron_scheduler(optimizer, peak_lr: float, warmup_iters: int, plan: BudgetPlan, min_lr_ratio: float,
-                       weight_decay: float):
-    """Megatron's OptimizerParamScheduler configured as this WSD plan."""
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
+def check_warmup(warmup_iters: int, plan: BudgetPlan) -> None:
+    """The warmup must end before the decay of ``plan`` starts (and before the run ends)."""
     if warmup_iters >= plan.total_iters:
         raise ConfigError(
             f"warmup_iters={warmup_iters} is not shorter than the run ({plan.total_iters} iterations)"
         )
     if warmup_iters > plan.decay_start_iter:
         raise ConfigError(
-            f"warmup ({warmup_iters} iterations) runs into the decay, which starts at iteration "
-            f"{plan.decay_start_iter}: lower warmup_iters or raise the budget"
+            f"warmup_iters={warmup_iters} runs into the decay starting at iteration {plan.decay_start_iter} "
+            f"({plan.budget_tokens:,} tokens at {round(plan.budget_tokens / plan.total_iters):,} "
+            "tokens/iteration): lower warmup_iters or raise the budget"
         )
+
+
+def stable_save_points(budgets: list[int], tokens_per_iter: int, decay_fraction: float,
+                       warmup_iters: int) -> dict[int, int]:
+    """Iteration -> budget (tokens) where a stable run saves for each budget's decay branch.
+
+    Every save point must lie after the warmup (a branch decays from the peak LR) and
+    no two budgets may round to the same iteration.
+    """
+    save_points: dict[int, int] = {}
+    for budget in sorted(budgets):
+        plan = budget_plan(budget, tokens_per_iter, decay_fraction)
+        if plan.decay_start_iter in save_points:
+            raise ConfigError(
+                f"budgets {save_points[plan.decay_start_iter]:,} and {budget:,} tokens share save iteration "
+                f"{plan.decay_start_iter} at {tokens_per_iter:,} tokens/iteration: space them further apart"
+            )
+        if plan.decay_start_iter <= warmup_iters:
+            raise ConfigError(
+                f"budget {budget:,} tokens would branch at iteration {plan.decay_start_iter}, inside the "
+                f"{warmup_iters}-iteration warmup ({tokens_per_iter:,} tokens/iteration): raise it or shorten warmup"
+            )
+        save_points[plan.decay_start_iter] = budget
+    return save_points
+
+
+def megatron_scheduler(optimizer, peak_lr: float, warmup_iters: int, plan: BudgetPlan, min_lr_ratio: float,
+                       weight_decay: float):
+    """Megatron's OptimizerParamScheduler configured as this WSD plan."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    check_warmup(warmup_iters, plan)
     return OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,

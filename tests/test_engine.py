@@ -59,7 +59,7 @@ def test_kill_9_then_rerun_gives_identical_losses(reference, tmp_path):
 
 
 def test_sigusr1_saves_and_exits_for_requeue(reference, tmp_path):
-    from megatron_upcycle.errors import EXIT_REQUEUE
+    from megatron_upcycle.exit_codes import EXIT_REQUEUE
 
     config = write_config(tmp_path / "run", **FULL)
     proc = start_and_interrupt(config, at_iteration=6, sig=signal.SIGUSR1)
@@ -183,3 +183,24 @@ def test_upcycle_run_uses_carried_adam_moments(reference, tmp_path):
     assert "carried Adam moments from the dense optimizer (step 30)" in proc.stdout
     res = result(tmp_path / "upc")
     assert res["D1"] == 30 * TOKENS_PER_ITER and res["D2"] == 6 * TOKENS_PER_ITER
+
+
+def test_a_run_directory_belongs_to_the_run_that_created_it(tmp_path):
+    """A branch pointed at its parent's directory, or a changed model, is refused; the parent is untouched."""
+    budgets = [12 * TOKENS_PER_ITER]
+    stable_dir = tmp_path / "stable"
+    stable = write_config(stable_dir, kind="dense", model=TEST_MODEL,
+                          schedule={"mode": "stable", "save_budgets": budgets})
+    assert train(stable).returncode == 0
+    before = {p: p.stat().st_mtime_ns for p in stable_dir.rglob("*")}
+
+    branch = write_config(tmp_path / "branch", kind="branch", parent=str(stable_dir),
+                          schedule={"train_tokens": budgets[0]})
+    proc = train(branch, "--run-dir", str(stable_dir))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"run directory {stable_dir} belongs to another run (kind: 'dense' there, 'branch' here" in proc.stderr
+    other_model = write_config(tmp_path / "resized", kind="dense", model="cpu-tiny",
+                               schedule={"mode": "stable", "save_budgets": budgets})
+    proc = train(other_model, "--run-dir", str(stable_dir))
+    assert proc.returncode == 2 and "model: " in proc.stderr and "Traceback" not in proc.stderr
+    assert {p: p.stat().st_mtime_ns for p in stable_dir.rglob("*")} == before

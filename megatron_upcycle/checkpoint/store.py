@@ -19,10 +19,7 @@ import torch.distributed as dist
 from megatron_upcycle.checkpoint.manifest import CheckpointRecord, Manifest
 from megatron_upcycle.checkpoint.meta import CheckpointMeta, read_meta
 from megatron_upcycle.errors import CheckpointError
-
-
-def checkpoint_name(iteration: int) -> str:
-    return f"iter_{iteration:07d}"
+from megatron_upcycle.rundir import checkpoint_name  # noqa: F401  (re-exported: the one spelling of iter_*)
 
 
 def _rank() -> int:
@@ -174,13 +171,14 @@ def load_model(checkpoint_dir: str | Path):
 
 def load_full_model_state(checkpoint_dir: str | Path):
     """(ModelConfig, MoEConfig | None, full state dict, meta dict) of a checkpoint, on CPU,
-    initialising a single-process group when none exists."""
+    in single-process groups (the caller's, or ones set up and torn down here)."""
     from megatron_upcycle.backend import select_backend
     from megatron_upcycle.logging_setup import quiet_megatron
-    from megatron_upcycle.parallel import ParallelConfig, init_distributed
+    from megatron_upcycle.parallel import single_process_groups
 
     quiet_megatron()
-    init_distributed(select_backend(force_cpu=not torch.cuda.is_available()), ParallelConfig(), seed=0)
-    model, meta = load_model(checkpoint_dir)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    # load_model builds a CPU model whatever the machine: its groups are CPU (gloo) ones.
+    with single_process_groups(select_backend(force_cpu=True)):
+        model, meta = load_model(checkpoint_dir)
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     return meta.model, meta.moe, state, meta.to_json()

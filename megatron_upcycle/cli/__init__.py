@@ -11,7 +11,8 @@ import importlib
 import sys
 
 from megatron_upcycle import __version__
-from megatron_upcycle.errors import EXIT_USER_ERROR, UserError
+from megatron_upcycle.errors import UserError
+from megatron_upcycle.exit_codes import EXIT_USER_ERROR
 
 # Module names under megatron_upcycle.cli, in --help order.
 SUBCOMMAND_MODULES = [

@@ -92,15 +92,12 @@ def _report_in_process(model, moe) -> dict:
     from megatron_upcycle.backend import select_backend
     from megatron_upcycle.counts import counts_report
     from megatron_upcycle.logging_setup import quiet_megatron
-    from megatron_upcycle.parallel import ParallelConfig, destroy_distributed, init_distributed
+    from megatron_upcycle.parallel import single_process_groups
 
     quiet_megatron()
     backend = select_backend(force_cpu=True) if not _cuda() else select_backend()
-    init_distributed(backend, ParallelConfig(), seed=0)
-    try:
+    with single_process_groups(backend):
         return counts_report(model, moe, backend)
-    finally:
-        destroy_distributed()
 
 
 def _cuda() -> bool:

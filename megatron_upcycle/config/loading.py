@@ -136,7 +136,10 @@ def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs = {}
+    removed = getattr(cls, "REMOVED_KEYS", {})
     for key, value in data.items():
+        if key in removed:
+            raise ConfigError(f"{where}: key '{key}' was removed ({removed[key]}); delete it")
         if key not in fields:
             raise ConfigError(_unknown_key_message(where, str(key), list(fields)))
         kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
@@ -155,14 +158,36 @@ def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
         raise ConfigError(f"{where}: {exc}") from None
 
 
-def to_dict(obj: Any) -> Any:
-    """Dataclass -> plain dict (YAML/JSON-safe)."""
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return dataclasses.MISSING
+
+
+def to_dict(obj: Any, skip_defaults: bool = False) -> Any:
+    """Dataclass -> plain dict (YAML/JSON-safe).
+
+    ``skip_defaults`` leaves out fields equal to their defaults (and sections left
+    empty by that): the config a user would have written, which ``from_dict`` turns
+    back into an equal object.
+    """
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        out = {}
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if skip_defaults and value == _default_of(f):
+                continue
+            converted = to_dict(value, skip_defaults)
+            if skip_defaults and converted == {} and dataclasses.is_dataclass(value):
+                continue
+            out[f.name] = converted
+        return out
     if isinstance(obj, (list, tuple)):
-        return [to_dict(v) for v in obj]
+        return [to_dict(v, skip_defaults) for v in obj]
     if isinstance(obj, dict):
-        return {k: to_dict(v) for k, v in obj.items()}
+        return {k: to_dict(v, skip_defaults) for k, v in obj.items()}
     return obj
 
 

@@ -15,15 +15,14 @@ Schedule modes:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from megatron_upcycle.config.model import MoEConfig
 from megatron_upcycle.config.optim import OptimConfig
 from megatron_upcycle.data import DataConfig
 from megatron_upcycle.errors import ConfigError
 from megatron_upcycle.parallel import ParallelConfig
-
-RunKind = Literal["dense", "moe", "upcycle", "branch", "cpt"]
+from megatron_upcycle.run_kinds import INIT_KINDS, TrainKind
 
 
 @dataclass
@@ -49,6 +48,14 @@ class ScheduleConfig:
     eval_tokens: int = 131072  # held-out tokens per evaluation
     log_interval_iters: int = 10
 
+    def __post_init__(self) -> None:
+        for name in ("safety_interval_iters", "keep_safety", "eval_interval_iters"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"schedule.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("log_interval_iters", "eval_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"schedule.{name} must be >= 1, got {getattr(self, name)}")
+
     def budgets(self) -> list[int]:
         from megatron_upcycle.schedule import log_spaced_budgets
 
@@ -61,7 +68,7 @@ class ScheduleConfig:
 
 @dataclass
 class RunConfig:
-    kind: RunKind
+    kind: TrainKind
     model: str | None = None  # preset name or model YAML; upcycle/cpt/branch take it from the checkpoint
     moe: MoEConfig | None = None
     data: DataConfig = field(default_factory=DataConfig)
@@ -74,11 +81,15 @@ class RunConfig:
     parent: str | None = None  # branch: the parent run directory
     seed: int = 1234
     tensorboard: bool = True
-    # Stop (after saving) when a requeue signal arrives, or on NaN/inf loss.
-    max_restarts_on_nan: int = 0
+
+    # Keys that older versions accepted: the strict loader names why they went.
+    REMOVED_KEYS: ClassVar[dict[str, str]] = {
+        "max_restarts_on_nan": "a non-finite loss stops the run (exit 3) at the last finite checkpoint; "
+                               "re-run it with a lower optim.lr",
+    }
 
     def __post_init__(self) -> None:
-        needs_init = {"upcycle", "cpt"}
+        needs_init = INIT_KINDS
         if self.kind in needs_init and not self.init_from:
             raise ConfigError(f"kind '{self.kind}' needs init_from: the checkpoint to start from")
         if self.kind not in needs_init and self.init_from:

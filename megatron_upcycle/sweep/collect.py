@@ -9,20 +9,20 @@ import json
 from pathlib import Path
 
 from megatron_upcycle.atomic import write_text_atomic
+from megatron_upcycle.run_kinds import FIT_KIND
+from megatron_upcycle.rundir import RESULT_FILE
 
 COLUMNS = ["run_id", "kind", "model", "E", "k", "N1", "N2", "Ntotal", "D1", "D2", "tokens", "FLOPs", "val_loss"]
-# The weights' kind in result.json -> the kind the scaling fits expect.
-KIND_FOR_FITS = {"dense": "dense", "moe": "moe", "upcycle": "upcycled", "cpt": "cpt"}
 
 
 def collect_rows(root: str | Path) -> list[dict]:
     rows = []
-    for path in sorted(Path(root, "runs").glob("*/result.json")):
+    for path in sorted(Path(root, "runs").glob(f"*/{RESULT_FILE}")):
         result = json.loads(path.read_text())
         if result.get("phase") != "complete":
             continue
         row = {c: result.get(c) for c in COLUMNS}
-        row["kind"] = KIND_FOR_FITS[result["model_kind"]]
+        row["kind"] = FIT_KIND[result["model_kind"]]
         if row["kind"] in ("dense", "moe"):
             row["D1"], row["D2"] = result["tokens"], None
         rows.append(row)

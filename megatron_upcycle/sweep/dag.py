@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from megatron_upcycle.errors import ConfigError
-
-RUN_KINDS = ("dense", "moe", "upcycle", "branch", "cpt", "convert")
-RESULT_FILE = "result.json"
+from megatron_upcycle.run_kinds import RUN_KINDS
+from megatron_upcycle.rundir import RunDir
 # Run ids name directories, Slurm jobs and log files: keep them to safe characters.
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]*$")
 
@@ -41,16 +40,20 @@ class RunNode:
         self.depends_on = list(self.depends_on)
 
     @property
+    def dir(self) -> RunDir:
+        return RunDir(self.run_dir)
+
+    @property
     def result_path(self) -> Path:
-        return self.run_dir / RESULT_FILE
+        return self.dir.result
 
     @property
     def log_dir(self) -> Path:
-        return self.run_dir / "logs"
+        return self.dir.logs
 
 
 def is_done(node: RunNode) -> bool:
-    return (node.run_dir / RESULT_FILE).exists()
+    return node.dir.is_done()
 
 
 def _validate_node(node: RunNode) -> None:

@@ -3,7 +3,7 @@ configurations, baselines), from which the planner derives a DAG of runs."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from megatron_upcycle.config.loading import from_dict, read_yaml
 from megatron_upcycle.config.run import BudgetRange
@@ -51,11 +51,17 @@ class Resources:
 
 @dataclass
 class Baselines:
-    dense_scratch: bool = True  # the decayed dense D1 branches double as this baseline
+    """Baselines beside the upcycled runs. Dense from scratch needs no switch: the
+    decayed dense D1 branches, which every upcycled run starts from, are that baseline."""
+
     moe_scratch: bool = True  # MoE from scratch at every D1 and D2 budget (for D*)
     # More MoE-from-scratch budgets (e.g. up to max D1 + max D2, so its curve can be fitted).
     moe_scratch_extra: TokenGrid = field(default_factory=TokenGrid)
     cpt: bool = True  # dense continued pretraining at matched FLOPs: D_cpt = D2 * N2 / N1
+
+    REMOVED_KEYS: ClassVar[dict[str, str]] = {
+        "dense_scratch": "the decayed dense D1 branches are always the dense-from-scratch baseline",
+    }
 
 
 @dataclass

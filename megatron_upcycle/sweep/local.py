@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, TextIO
 
-from megatron_upcycle.errors import EXIT_REQUEUE
+from megatron_upcycle.exit_codes import EXIT_REQUEUE
 from megatron_upcycle.sweep.dag import RunDAG, RunNode, is_done
 from megatron_upcycle.atomic import write_json_atomic
 from megatron_upcycle.sweep.jsonfile import read_json, tail

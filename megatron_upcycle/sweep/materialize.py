@@ -7,18 +7,17 @@ from pathlib import Path
 import yaml
 
 from megatron_upcycle.atomic import write_json_atomic, write_text_atomic
+from megatron_upcycle.config.loading import to_dict
 from megatron_upcycle.errors import ConfigError
-from megatron_upcycle.sweep.convert_run import CHECKPOINT_DIR
 from megatron_upcycle.sweep.dag import RunDAG, RunNode
 from megatron_upcycle.sweep.plan import REPO_ROOT, Plan, PlannedRun
 
-CONFIG_FILE = "config.yaml"
 PLAN_FILE = "plan.json"
 
 
-def _started(run_dir: Path) -> bool:
-    return (run_dir / "checkpoints").exists() or (run_dir / "result.json").exists() \
-        or (run_dir / CHECKPOINT_DIR).exists()
+def config_text(run: PlannedRun) -> str:
+    """The run's config.yaml: its RunConfig (or conversion config) without defaults."""
+    return yaml.safe_dump(to_dict(run.config, skip_defaults=True), sort_keys=False)
 
 
 def command_for(run: PlannedRun, config_path: Path) -> list[str]:
@@ -31,10 +30,10 @@ def write_run_dirs(plan: Plan) -> None:
     """Write every run's config.yaml and the plan; refuse to change a started run."""
     for run in plan.runs:
         run_dir = plan.run_dir(run)
-        path = run_dir / CONFIG_FILE
-        text = yaml.safe_dump(run.config, sort_keys=False)
+        path = run_dir.config
+        text = config_text(run)
         if path.exists() and path.read_text() != text:
-            if _started(run_dir):
+            if run_dir.started():
                 raise ConfigError(
                     f"run {run.run_id} already started with a different config ({path}); the experiment "
                     "changed under it: use a new output_root, or delete that run directory"
@@ -63,8 +62,8 @@ def to_dag(plan: Plan, cpu_only: bool = False) -> RunDAG:
         nodes.append(RunNode(
             run_id=run.run_id,
             kind=run.kind,
-            run_dir=run_dir,
-            command=command_for(run, run_dir / CONFIG_FILE),
+            run_dir=run_dir.path,
+            command=command_for(run, run_dir.config),
             depends_on=run.depends_on,
             nodes=res.nodes if on_gpu else 1,
             gpus_per_node=res.gpus_per_node if on_gpu else 0,

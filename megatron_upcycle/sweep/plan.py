@@ -12,19 +12,22 @@ Tokens and FLOPs (6 N D, N = active non-embedding parameters) are counted per ru
 """
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
-from megatron_upcycle.config.loading import to_dict
+from megatron_upcycle.checkpoint.meta import CheckpointMeta
 from megatron_upcycle.config.model import MoEConfig
+from megatron_upcycle.config.optim import OptimConfig
 from megatron_upcycle.config.presets import load_model_config
+from megatron_upcycle.config.run import RunConfig, ScheduleConfig
 from megatron_upcycle.errors import ConfigError
-from megatron_upcycle.schedule import budget_plan
-from megatron_upcycle.sweep.convert_run import CHECKPOINT_DIR
+from megatron_upcycle.parallel import ParallelConfig
+from megatron_upcycle.resolve import ResolvedRun, resolve_run
+from megatron_upcycle.run_kinds import MOE_MODEL_KINDS, ModelKind, Stage
+from megatron_upcycle.rundir import RunDir
 from megatron_upcycle.sweep.experiment import Experiment, MoEChoice
+from megatron_upcycle.upcycle.options import ConvertRunConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -48,14 +51,14 @@ def fmt_tokens(tokens: int) -> str:
 @dataclass
 class PlannedRun:
     run_id: str
-    kind: str  # dense, moe, upcycle, branch, cpt, convert
-    model_kind: str  # what the weights are: dense, moe, upcycle, cpt (convert: upcycle)
+    kind: str  # a run kind (megatron_upcycle.run_kinds.RUN_KINDS)
+    model_kind: ModelKind  # what the weights are (convert: upcycle)
     model: str
-    config: dict  # the run's config.yaml (RunConfig, or converter options for convert)
+    config: RunConfig | ConvertRunConfig  # written as the run's config.yaml
     depends_on: list[str]
     tokens: int  # tokens this run trains on
     active_params: int  # N in 6 N D
-    stage: str  # "stable", "branch" or "convert"
+    stage: Stage
     budget_tokens: int | None = None  # the budget a branch emulates
     D1: int | None = None
     D2: int | None = None
@@ -63,6 +66,7 @@ class PlannedRun:
     k: int | None = None
     array_group: str | None = None
     resources_model: str = ""
+    resolved: ResolvedRun | None = None  # what the engine will run (None for conversions)
 
     @property
     def flops(self) -> int:
@@ -80,8 +84,8 @@ class Plan:
     def by_id(self) -> dict[str, PlannedRun]:
         return {r.run_id: r for r in self.runs}
 
-    def run_dir(self, run: PlannedRun) -> Path:
-        return self.root / "runs" / run.run_id
+    def run_dir(self, run: PlannedRun | str) -> RunDir:
+        return RunDir(self.root / "runs" / (run if isinstance(run, str) else run.run_id))
 
     @property
     def total_tokens(self) -> int:
@@ -95,24 +99,15 @@ class Plan:
         return flops / (self.experiment.gpu_tflops * 1e12) / 3600
 
 
-@lru_cache(maxsize=None)
-def _counts(model_name: str, moe_json: str | None) -> dict:
-    """Exact counts from the Megatron model on the meta device (one lone process group)."""
+def _counts(model_name: str, moe: MoEConfig | None, cache: dict) -> dict:
+    """Exact counts from the Megatron model on the meta device (needs process groups)."""
     from megatron_upcycle.backend import select_backend
-    from megatron_upcycle.config.loading import from_dict
     from megatron_upcycle.counts import counts_report
-    from megatron_upcycle.logging_setup import quiet_megatron
-    from megatron_upcycle.parallel import ParallelConfig, init_distributed
 
-    quiet_megatron()
-    backend = select_backend(force_cpu=True)
-    init_distributed(backend, ParallelConfig(), seed=0)
-    moe = from_dict(MoEConfig, json.loads(moe_json)) if moe_json else None
-    return counts_report(load_model_config(model_name), moe, backend)
-
-
-def _counts_for(model: str, moe: MoEConfig | None) -> dict:
-    return _counts(model, json.dumps(to_dict(moe), sort_keys=True) if moe else None)
+    key = (model_name, repr(moe))
+    if key not in cache:
+        cache[key] = counts_report(load_model_config(model_name), moe, select_backend(force_cpu=True))
+    return cache[key]
 
 
 def _moe_config(choice: MoEChoice, aux: float = 1e-3) -> MoEConfig:
@@ -124,106 +119,82 @@ class Planner:
     def __init__(self, experiment: Experiment, root: Path) -> None:
         self.exp = experiment
         self.plan = Plan(experiment, root)
+        self._count_cache: dict = {}
 
     # -- helpers ----------------------------------------------------------------
 
-    def _tokens_per_iter(self, model: str) -> int:
-        cfg = load_model_config(model)
-        gbs = self.exp.training.global_batch_size or cfg.recipe.global_batch_size
-        return gbs * cfg.seq_length
+    def _counts_for(self, model: str, moe: MoEConfig | None) -> dict:
+        return _counts(model, moe, self._count_cache)
 
-    def _base_config(self, kind: str, model: str, seed: int, moe: MoEConfig | None) -> dict:
-        exp, res = self.exp, self.exp.resources_for(model)
-        training = exp.training
-        is_moe = kind in ("moe", "upcycle")
-        lr = training.lr_moe if is_moe else training.lr_dense
-        config = {
-            "kind": kind,
-            "data": to_dict(exp.data),
-            "parallel": {
-                "tensor_parallel": res.tensor_parallel,
-                "expert_parallel": res.expert_parallel if is_moe else 1,
-                "sequence_parallel": res.sequence_parallel,
-            },
-            "optim": {"lr": lr, "warmup_iters": training.warmup_iters},
-            "global_batch_size": training.global_batch_size,
-            "micro_batch_size": res.micro_batch_size,
-            "seed": seed,
-        }
-        if kind in ("dense", "moe"):
-            config["model"] = model
-        if kind == "moe":
-            config["moe"] = to_dict(moe)
-        return config
+    def _run_config(self, kind: str, model: str, seed: int, schedule: ScheduleConfig,
+                    moe: MoEConfig | None = None, init_from: str | None = None) -> RunConfig:
+        """The RunConfig of one stable run (what its config.yaml says)."""
+        exp, res, training = self.exp, self.exp.resources_for(model), self.exp.training
+        is_moe = kind in MOE_MODEL_KINDS
+        return RunConfig(
+            kind=kind,
+            model=model if kind in ("dense", "moe") else None,
+            moe=moe if kind == "moe" else None,
+            data=exp.data,
+            parallel=ParallelConfig(
+                tensor_parallel=res.tensor_parallel,
+                expert_parallel=res.expert_parallel if is_moe else 1,
+                sequence_parallel=res.sequence_parallel,
+            ),
+            optim=OptimConfig(lr=training.lr_moe if is_moe else training.lr_dense,
+                              warmup_iters=training.warmup_iters),
+            schedule=schedule,
+            global_batch_size=training.global_batch_size,
+            micro_batch_size=res.micro_batch_size,
+            init_from=init_from,
+            seed=seed,
+        )
 
-    def _schedule(self, mode: str, budgets: list[int] | None = None, train_tokens: int | None = None) -> dict:
+    def _stable_schedule(self, budgets: list[int]) -> ScheduleConfig:
         training = self.exp.training
-        schedule = {
-            "mode": mode,
-            "decay_fraction": self.exp.decay_fraction,
-            "eval_tokens": training.eval_tokens,
-            "log_interval_iters": training.log_interval_iters,
-            "safety_interval_iters": training.safety_interval_iters,
-        }
-        if budgets is not None:
-            schedule["save_budgets"] = budgets
-        if train_tokens is not None:
-            schedule["train_tokens"] = train_tokens
-        return schedule
+        return ScheduleConfig(mode="stable", decay_fraction=self.exp.decay_fraction, save_budgets=list(budgets),
+                              eval_tokens=training.eval_tokens, log_interval_iters=training.log_interval_iters,
+                              safety_interval_iters=training.safety_interval_iters)
 
-    def _check_budgets(self, model: str, budgets: list[int], what: str) -> None:
-        """Fail at planning time, not hours into a cluster job."""
-        tpi = self._tokens_per_iter(model)
-        cfg = load_model_config(model)
-        warmup = self.exp.training.warmup_iters
-        warmup = cfg.recipe.warmup_iters if warmup is None else warmup
-        starts = {}
-        for budget in budgets:
-            plan = budget_plan(budget, tpi, self.exp.decay_fraction)
-            if plan.decay_start_iter <= warmup:
-                raise ConfigError(
-                    f"{what}: budget {budget:,} tokens decays from iteration {plan.decay_start_iter}, inside the "
-                    f"{warmup}-iteration warmup of {model} ({tpi:,} tokens/iteration)"
-                )
-            if plan.decay_start_iter in starts:
-                raise ConfigError(
-                    f"{what}: budgets {starts[plan.decay_start_iter]:,} and {budget:,} tokens round to the same "
-                    f"save iteration at {tpi:,} tokens/iteration"
-                )
-            starts[plan.decay_start_iter] = budget
+    def _branch_config(self, parent_id: str, budget: int) -> RunConfig:
+        training = self.exp.training
+        return RunConfig(kind="branch", parent=str(self.plan.run_dir(parent_id).path),
+                         schedule=ScheduleConfig(train_tokens=budget, eval_tokens=training.eval_tokens,
+                                                 log_interval_iters=training.log_interval_iters))
+
+    @staticmethod
+    def _resolve(run_id: str, cfg: RunConfig, parent: RunConfig | None = None,
+                 init: CheckpointMeta | None = None) -> ResolvedRun:
+        """The engine's own resolution; a mistake fails at planning time, not hours into a job."""
+        try:
+            return resolve_run(cfg, parent, init)
+        except ConfigError as exc:
+            raise ConfigError(f"{run_id}: {exc}") from None
 
     def _add_stable_and_branches(
-        self, prefix: str, kind: str, model: str, seed: int, budgets: list[int], active: int,
-        base: dict, depends_on: list[str], moe: MoEConfig | None = None, d1: int | None = None,
+        self, prefix: str, cfg: RunConfig, model: str, active: int, depends_on: list[str],
+        init: CheckpointMeta | None = None, moe: MoEConfig | None = None, d1: int | None = None,
         d2_is_budget: bool = False,
     ) -> dict[int, PlannedRun]:
-        """A stable run serving ``budgets`` and one decay branch per budget."""
-        self._check_budgets(model, budgets, prefix)
-        tpi = self._tokens_per_iter(model)
+        """A stable run serving ``cfg``'s budgets and one decay branch per budget."""
         stable_id = f"{prefix}-stable"
-        last = budget_plan(budgets[-1], tpi, self.exp.decay_fraction)
-        stable_cfg = dict(base, schedule=self._schedule("stable", budgets=budgets))
+        resolved = self._resolve(stable_id, cfg, init=init)
         E, k = (moe.num_experts, moe.topk) if moe else (None, None)
         self.plan.runs.append(PlannedRun(
-            run_id=stable_id, kind=kind, model_kind=kind, model=model, config=stable_cfg,
-            depends_on=list(depends_on), tokens=last.decay_start_iter * tpi, active_params=active,
-            stage="stable", D1=d1, E=E, k=k, resources_model=model,
+            run_id=stable_id, kind=cfg.kind, model_kind=cfg.kind, model=model, config=cfg,
+            depends_on=list(depends_on), tokens=resolved.train_tokens, active_params=active,
+            stage="stable", D1=d1, E=E, k=k, resources_model=model, resolved=resolved,
         ))
         branches = {}
-        for budget in budgets:
-            plan = budget_plan(budget, tpi, self.exp.decay_fraction)
+        for budget in cfg.schedule.budgets():
             run_id = f"{prefix}-{'d2' if d2_is_budget else 'd'}_{fmt_tokens(budget)}"
-            config = {
-                "kind": "branch",
-                "parent": str(self.plan.root / "runs" / stable_id),
-                "schedule": {"train_tokens": budget, "eval_tokens": self.exp.training.eval_tokens,
-                             "log_interval_iters": self.exp.training.log_interval_iters},
-            }
+            branch_cfg = self._branch_config(stable_id, budget)
+            branch = self._resolve(run_id, branch_cfg, parent=cfg, init=init)
             run = PlannedRun(
-                run_id=run_id, kind="branch", model_kind=kind, model=model, config=config,
-                depends_on=[stable_id], tokens=plan.decay_iters * tpi, active_params=active, stage="branch",
+                run_id=run_id, kind="branch", model_kind=cfg.kind, model=model, config=branch_cfg,
+                depends_on=[stable_id], tokens=branch.train_tokens, active_params=active, stage="branch",
                 budget_tokens=budget, D1=d1 if d2_is_budget else budget, D2=budget if d2_is_budget else None,
-                E=E, k=k, array_group=f"{stable_id}-branches", resources_model=model,
+                E=E, k=k, array_group=f"{stable_id}-branches", resources_model=model, resolved=branch,
             )
             self.plan.runs.append(run)
             branches[budget] = run
@@ -232,41 +203,52 @@ class Planner:
     # -- the plan ---------------------------------------------------------------
 
     def build(self) -> Plan:
+        from megatron_upcycle.logging_setup import quiet_megatron
+        from megatron_upcycle.parallel import single_process_groups
+
+        quiet_megatron()
+        # One set of process groups for every meta-device count, torn down after.
+        with single_process_groups():
+            return self._build()
+
+    def _build(self) -> Plan:
         exp = self.exp
         d1s, d2s = exp.d1.values(), exp.d2.values()
         for model in exp.dense_models:
-            name = load_model_config(model).name  # unknown names fail here, with the list of presets
-            dense_counts = _counts_for(model, None)
-            n1 = dense_counts["N1"]
+            dense_model = load_model_config(model)  # unknown names fail here, with the list of presets
+            name = dense_model.name
+            n1 = self._counts_for(model, None)["N1"]
             for seed in exp.seeds:
                 tag = name if len(exp.seeds) == 1 else f"{name}-s{seed}"
-                dense_branches = self._add_stable_and_branches(
-                    f"dense-{tag}", "dense", model, seed, d1s, n1, self._base_config("dense", model, seed, None), [],
-                )
+                dense_cfg = self._run_config("dense", model, seed, self._stable_schedule(d1s))
+                dense_branches = self._add_stable_and_branches(f"dense-{tag}", dense_cfg, model, n1, [])
+                tpi = dense_branches[d1s[0]].resolved.tokens_per_iter
                 cpt_budgets: dict[int, set[int]] = {d1: set() for d1 in d1s}
                 for choice in exp.moe:
                     moe = _moe_config(choice)
-                    counts = _counts_for(model, moe)
-                    n2 = counts["N2"]
+                    n2 = self._counts_for(model, moe)["N2"]
                     ek = f"e{moe.num_experts}k{moe.topk}" + (f"g{moe.granularity}" if moe.granularity > 1 else "")
                     for d1 in d1s:
-                        source = self._dense_source(model, dense_branches[d1], d1)
+                        source = self._dense_source(dense_branches[d1])
                         convert = self._add_convert(f"convert-{tag}-d1_{fmt_tokens(d1)}-{ek}", model, moe, source,
                                                     d1, n2)
-                        base = self._base_config("upcycle", model, seed, moe)
-                        base["init_from"] = str(self.plan.run_dir(convert) / CHECKPOINT_DIR)
+                        upcycle_cfg = self._run_config(
+                            "upcycle", model, seed, self._stable_schedule(d2s), moe=moe,
+                            init_from=str(self.plan.run_dir(convert).moe_checkpoint))
+                        converted = CheckpointMeta(model=dense_model, moe=moe, has_optimizer=False,
+                                                   run_kind="convert", provenance={"source_tokens": d1})
                         self._add_stable_and_branches(
-                            f"upcycle-{tag}-d1_{fmt_tokens(d1)}-{ek}", "upcycle", model, seed, d2s, n2, base,
-                            [convert.run_id], moe=moe, d1=d1, d2_is_budget=True,
+                            f"upcycle-{tag}-d1_{fmt_tokens(d1)}-{ek}", upcycle_cfg, model, n2, [convert.run_id],
+                            init=converted, moe=moe, d1=d1, d2_is_budget=True,
                         )
-                        tpi = self._tokens_per_iter(model)
                         for d2 in d2s:  # matched FLOPs: 6 N1 D_cpt = 6 N2 D2, rounded to whole iterations
                             cpt_budgets[d1].add(max(2, round(d2 * n2 / n1 / tpi)) * tpi)
                     scratch_budgets = sorted(set(d1s) | set(d2s) | set(exp.baselines.moe_scratch_extra.values()))
                     if exp.baselines.moe_scratch:
                         self._add_stable_and_branches(
-                            f"moe-{tag}-{ek}", "moe", model, seed, scratch_budgets, n2,
-                            self._base_config("moe", model, seed, moe), [], moe=moe,
+                            f"moe-{tag}-{ek}", self._run_config("moe", model, seed,
+                                                                self._stable_schedule(scratch_budgets), moe=moe),
+                            model, n2, [], moe=moe,
                         )
                     self.plan.independent_tokens += len(d1s) * sum(d2s)
                     self.plan.independent_flops += len(d1s) * 6 * n2 * sum(d2s)
@@ -280,11 +262,13 @@ class Planner:
                         # (E, k) choices whose N2 differ only by router parameters give
                         # matched-FLOPs budgets within 0.1%: one CPT run serves them all.
                         budgets = _merge_close(sorted(cpt_budgets[d1]), rel=0.005)
-                        depends, dense_ckpt = self._dense_source(model, dense_branches[d1], d1)
-                        base = dict(self._base_config("cpt", model, seed, None), init_from=dense_ckpt)
+                        depends, dense_ckpt = self._dense_source(dense_branches[d1])
+                        cpt_cfg = self._run_config("cpt", model, seed, self._stable_schedule(budgets),
+                                                   init_from=dense_ckpt)
+                        dense_at_d1 = CheckpointMeta(model=dense_model, moe=None, tokens=d1, run_kind="branch")
                         self._add_stable_and_branches(
-                            f"cpt-{tag}-d1_{fmt_tokens(d1)}", "cpt", model, seed, budgets, n1, base,
-                            [depends], d1=d1, d2_is_budget=True,
+                            f"cpt-{tag}-d1_{fmt_tokens(d1)}", cpt_cfg, model, n1, [depends], init=dense_at_d1,
+                            d1=d1, d2_is_budget=True,
                         )
                         self.plan.independent_tokens += sum(budgets)
                         self.plan.independent_flops += 6 * n1 * sum(budgets)
@@ -294,21 +278,18 @@ class Planner:
             raise ConfigError(f"experiment produces duplicate run ids {sorted(duplicates)}: budgets too close")
         return self.plan
 
-    def _dense_source(self, model: str, branch: PlannedRun, d1: int) -> tuple[str, str]:
-        """(run id to depend on, checkpoint path) of the dense model upcycled at D1."""
-        tpi = self._tokens_per_iter(model)
-        plan = budget_plan(d1, tpi, self.exp.decay_fraction)
+    def _dense_source(self, branch: PlannedRun) -> tuple[str, str]:
+        """(run id to depend on, checkpoint path) of the dense model upcycled at the branch's D1."""
+        resolved = branch.resolved
         if self.exp.upcycle_from == "decayed":
-            path = self.plan.run_dir(branch) / "checkpoints" / f"iter_{plan.total_iters:07d}"
-            return branch.run_id, str(path)
+            return branch.run_id, str(self.plan.run_dir(branch).checkpoint(resolved.stop_iter))
         stable_id = branch.depends_on[0]
-        path = self.plan.root / "runs" / stable_id / "checkpoints" / f"iter_{plan.decay_start_iter:07d}"
-        return stable_id, str(path)
+        return stable_id, str(self.plan.run_dir(stable_id).checkpoint(resolved.start_iter))
 
     def _add_convert(self, run_id: str, model: str, moe: MoEConfig, source: tuple[str, str], d1: int,
                      n2: int) -> PlannedRun:
         depends, dense_ckpt = source
-        config = {"dense": dense_ckpt, "moe": to_dict(moe), "options": to_dict(self.exp.converter_options())}
+        config = ConvertRunConfig(dense=dense_ckpt, moe=moe, options=self.exp.converter_options())
         run = PlannedRun(run_id=run_id, kind="convert", model_kind="upcycle", model=model, config=config,
                          depends_on=[depends], tokens=0, active_params=n2, stage="convert", D1=d1,
                          E=moe.num_experts, k=moe.topk, resources_model=model)

@@ -2,9 +2,10 @@
 
     torchrun --nproc_per_node N -m megatron_upcycle.train --config RUN.yaml [--run-dir DIR] [a.b=value ...]
 
-Exit codes: 0 done (result.json written), 2 bad input, 3 non-finite loss,
-75 saved on SIGTERM/SIGUSR1 and should be requeued. Re-running the same
-command resumes from the run's latest checkpoint; a finished run exits 0 at once.
+Exit codes (megatron_upcycle.exit_codes): 0 done (result.json written), 2 bad input,
+3 non-finite loss, 73 the run directory is in use, 74 disk full or read-only,
+75 saved on SIGTERM/SIGUSR1 and should be requeued. Re-running the same command
+resumes from the run's latest checkpoint; a finished run exits 0 at once.
 """
 from __future__ import annotations
 
@@ -22,39 +23,37 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+def train(args) -> int:
     from megatron_upcycle.config.loading import apply_overrides, from_dict, read_yaml
     from megatron_upcycle.config.run import RunConfig
-    from megatron_upcycle.errors import EXIT_USER_ERROR, UserError
     from megatron_upcycle.logging_setup import quiet_megatron
-    from megatron_upcycle.train.loop import EXIT_NON_FINITE, RESULT_FILE, NonFiniteLoss, RequeueRequested
+    from megatron_upcycle.rundir import RunDir
+    from megatron_upcycle.train.loop import requested_identity
 
     quiet_megatron()
-    run_dir = Path(args.run_dir) if args.run_dir else Path(args.config).resolve().parent
-    if (run_dir / RESULT_FILE).exists():
-        print(f"[{run_dir.name}] already done ({RESULT_FILE} exists)")
+    run_dir = RunDir(args.run_dir if args.run_dir else Path(args.config).resolve().parent)
+    data = apply_overrides(read_yaml(args.config), args.overrides)
+    cfg = from_dict(RunConfig, data, where=Path(args.config).name)
+    # Before "already done": a config pointed at another run's finished directory is refused.
+    run_dir.check_owner(requested_identity(cfg))
+    if run_dir.is_done():
+        print(f"[{run_dir.name}] already done ({run_dir.result.name} exists)")
         return 0
-    trainer = None
+    from megatron_upcycle.train.loop import Trainer
+
+    Trainer(cfg, run_dir.path).train()
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from megatron_upcycle.exit_codes import run_entry
+    from megatron_upcycle.parallel import destroy_distributed
+
+    log_dir = Path(args.run_dir or Path(args.config).resolve().parent) / "logs"
     try:
-        data = apply_overrides(read_yaml(args.config), args.overrides)
-        cfg = from_dict(RunConfig, data, where=Path(args.config).name)
-        from megatron_upcycle.train.loop import Trainer
-
-        trainer = Trainer(cfg, run_dir)
-        trainer.train()
-        return 0
-    except RequeueRequested as exc:
-        return exc.exit_code
-    except NonFiniteLoss as exc:
-        print(f"train: error: {exc}", file=sys.stderr)
-        return EXIT_NON_FINITE
-    except UserError as exc:
-        print(f"train: error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return run_entry("train", lambda: train(args), log_dir=log_dir)
     finally:
-        from megatron_upcycle.parallel import destroy_distributed
-
         destroy_distributed()
 
 

@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_upcycle.atomic import write_json_atomic
 from megatron_upcycle.backend import select_backend
 from megatron_upcycle.checkpoint import (
     CheckpointMeta,
@@ -26,8 +25,10 @@ from megatron_upcycle.checkpoint import (
 )
 from megatron_upcycle.config.loading import to_dict, write_yaml_atomic
 from megatron_upcycle.config.run import RunConfig
-from megatron_upcycle.errors import EXIT_REQUEUE, UserError
+from megatron_upcycle.errors import UserError
+from megatron_upcycle.exit_codes import NonFiniteLoss, RequeueRequested, RunBusy
 from megatron_upcycle.parallel import init_distributed
+from megatron_upcycle.rundir import RunDir
 from megatron_upcycle.schedule import megatron_scheduler, phase_of
 from megatron_upcycle.train.components import (
     build_model_and_optimizer,
@@ -37,33 +38,31 @@ from megatron_upcycle.train.components import (
     to_device,
 )
 from megatron_upcycle.train.metrics import MetricsLogger
-from megatron_upcycle.train.run_setup import RESOLVED_CONFIG, resolve_run
+from megatron_upcycle.train.run_setup import load_run
 from megatron_upcycle.train.signals import RequeueSignal
 
-RESULT_FILE = "result.json"
-EXIT_NON_FINITE = 3
 
-
-class NonFiniteLoss(UserError):
-    """Training diverged; the last good checkpoint is kept."""
-
-
-class RequeueRequested(Exception):
-    """A checkpoint was saved on SIGTERM/SIGUSR1; exit with EXIT_REQUEUE."""
-
-    exit_code = EXIT_REQUEUE
+def requested_identity(cfg: RunConfig) -> dict:
+    """What makes a run directory this run's, from the config alone (see RunDir.check_owner)."""
+    return {"kind": cfg.kind, "parent": cfg.parent, "init_from": cfg.init_from, "model": cfg.model}
 
 
 class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: str | Path) -> None:
-        self.run_dir = Path(run_dir)
-        self.run = resolve_run(cfg)
+        self.run_dir = RunDir(run_dir)
+        self.run, self.parent_checkpoint = load_run(cfg)
         run = self.run
         self.cfg = run.cfg
+        identity = {**requested_identity(cfg), "architecture": to_dict(run.model),
+                    "moe": to_dict(run.moe) if run.moe else None}
+        self.run_dir.check_owner(identity)
         self.backend = select_backend()
         init_distributed(self.backend, self.cfg.parallel, self.cfg.seed)
         self.rank = dist.get_rank()
         self.is_main = self.rank == 0
+        self._hold_lock()
+        if self.is_main:
+            self.run_dir.claim(identity)
         self.requeue = RequeueSignal()
 
         from megatron.core import parallel_state
@@ -93,7 +92,7 @@ class Trainer:
             from megatron_upcycle.train.moe_stats import RouterStats
 
             self.router_stats = RouterStats(self.model, run.moe.num_experts, run.moe.topk)
-        self.ckpt_root = self.run_dir / "checkpoints"
+        self.ckpt_root = self.run_dir.checkpoints
         self.metrics = MetricsLogger(self.run_dir, self.is_main, self.cfg.tensorboard)
 
         # Position: restored from a checkpoint below.
@@ -102,9 +101,26 @@ class Trainer:
         self._restore()
         self._build_data()
         if self.is_main:
-            write_yaml_atomic(self.run_dir / RESOLVED_CONFIG, to_dict(self.cfg))
+            write_yaml_atomic(self.run_dir.resolved_config, to_dict(self.cfg))
 
     # -- set-up ---------------------------------------------------------------
+
+    def _hold_lock(self) -> None:
+        """Rank 0 holds the run directory's lock for the life of the process; every
+        rank learns whether it got it, so a refused start stops all of them at once."""
+        self._lock = contextlib.ExitStack()
+        busy = ""
+        if self.is_main:
+            try:
+                self._lock.enter_context(self.run_dir.lock())
+            except RunBusy as exc:
+                busy = str(exc)
+        flag = torch.tensor([1 if busy else 0], dtype=torch.int32)
+        if dist.get_world_size() > 1:
+            flag = flag.cuda() if dist.get_backend() == "nccl" else flag
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if int(flag.item()):
+            raise RunBusy(busy or f"run {self.run_dir.path} is in use by another process")
 
     def _restore(self) -> None:
         run = self.run
@@ -114,10 +130,10 @@ class Trainer:
             self._set_position(common)
             self.metrics.truncate_after(self.iteration)
             self._say(f"resumed from {own.name} (iteration {self.iteration}, {self.tokens:,} tokens)")
-        elif run.parent_checkpoint is not None:
-            common = load_checkpoint(run.parent_checkpoint, self.model, self.optimizer, self.scheduler)
+        elif self.parent_checkpoint is not None:
+            common = load_checkpoint(self.parent_checkpoint, self.model, self.optimizer, self.scheduler)
             self._set_position(common)
-            self._say(f"branching from {run.parent_checkpoint} at iteration {self.iteration}")
+            self._say(f"branching from {self.parent_checkpoint} at iteration {self.iteration}")
         elif run.init_meta is not None:
             load_checkpoint(self.cfg.init_from, self.model, load_rng=False)
             if run.init_meta.has_optimizer and run.kind == "upcycle":
@@ -328,11 +344,24 @@ class Trainer:
         self.metrics.log({"iteration": self.iteration, "tokens": self.tokens, "val_loss": val_loss})
         wall = time.perf_counter() - start_time
         result = self._result(val_loss, wall, (self.iteration - start_iter) * run.tokens_per_iter)
+        self._check_budgets_saved()
         if self.is_main:
-            write_json_atomic(self.run_dir / RESULT_FILE, result)
+            self.run_dir.write_result(result)
         self._say(f"done: val_loss {val_loss:.4f} after {self.tokens:,} tokens ({wall:.0f} s)")
         self.metrics.close()
         return result
+
+    def _check_budgets_saved(self) -> None:
+        """A stable run is done only when every budget it serves has its checkpoint:
+        a missing one would fail its decay branch forever."""
+        manifest = Manifest(self.ckpt_root)
+        missing = [b for b in self.run.save_points.values() if manifest.for_budget(b) is None]
+        if missing:
+            raise UserError(
+                f"stable run {self.run_dir.path} reached its end without checkpoints for budgets "
+                f"{', '.join(f'{b:,}' for b in missing)} tokens; not marking it done (delete the run "
+                "directory to train it again)"
+            )
 
     def _maybe_evaluate(self) -> None:
         interval = self.cfg.schedule.eval_interval_iters

@@ -5,9 +5,9 @@ import json
 import math
 import sys
 import time
-from pathlib import Path
 
 from megatron_upcycle.atomic import write_text_atomic
+from megatron_upcycle.rundir import RunDir
 
 
 def _format_duration(seconds: float) -> str:
@@ -23,15 +23,15 @@ class MetricsLogger:
     """Rank-0 logger. ``truncate_after(it)`` drops lines past a resumed checkpoint,
     so metrics.jsonl always reads as one uninterrupted run."""
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool) -> None:
+    def __init__(self, run_dir: RunDir, enabled: bool, tensorboard: bool) -> None:
         self.enabled = enabled
-        self.path = run_dir / "metrics.jsonl"
+        self.path = run_dir.metrics
         self.writer = None
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+                self.writer = SummaryWriter(log_dir=str(run_dir.tensorboard))
             except ImportError:  # tensorboard is optional at run time
                 self.writer = None
         self._window_start = time.perf_counter()

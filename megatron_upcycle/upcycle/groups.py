@@ -26,9 +26,8 @@ def hide_gpus_in_fresh_process() -> None:
 def single_process_groups(seed: int = 0):
     import torch.distributed as dist
 
-    from megatron_upcycle.backend import select_backend
     from megatron_upcycle.logging_setup import quiet_megatron
-    from megatron_upcycle.parallel import ParallelConfig, destroy_distributed, init_distributed
+    from megatron_upcycle.parallel import single_process_groups as lone_groups
 
     quiet_megatron()
     # torch DCP warns on every load that ShardedTensor (used by Megatron's format) is deprecated.
@@ -46,8 +45,5 @@ def single_process_groups(seed: int = 0):
     if torch.cuda.is_available():
         raise UserError("the converter runs on CPU: run it with CUDA_VISIBLE_DEVICES= "
                         "(the `upcycle` command does this itself)")
-    init_distributed(select_backend(force_cpu=True), ParallelConfig(), seed)
-    try:
+    with lone_groups(seed=seed):
         yield
-    finally:
-        destroy_distributed()

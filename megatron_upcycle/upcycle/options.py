@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from megatron_upcycle.config.model import MoEConfig
 from megatron_upcycle.errors import ConfigError
 
 INIT_KINDS = ("copy", "noise", "drop")
@@ -64,3 +65,12 @@ class UpcycleOptions:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class ConvertRunConfig:
+    """A conversion as a sweep run (``<run_dir>/config.yaml`` of a convert run)."""
+
+    dense: str  # the dense checkpoint (an iter_* directory)
+    moe: MoEConfig
+    options: UpcycleOptions = UpcycleOptions()
