@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -41,6 +41,10 @@ class Manifest:
         write_json_atomic(self.path, {"checkpoints": [asdict(r) for r in self.records]})
 
     def add(self, record: CheckpointRecord) -> None:
+        old = next((r for r in self.records if r.name == record.name), None)
+        if old is not None and old.budget_tokens is not None and record.budget_tokens is None:
+            # Re-saving a budget's iteration (after a resume) keeps it a budget checkpoint.
+            record = replace(record, reason=old.reason, budget_tokens=old.budget_tokens)
         self.records = [r for r in self.records if r.name != record.name] + [record]
         self.records.sort(key=lambda r: r.iteration)
         self.save()

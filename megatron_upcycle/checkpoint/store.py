@@ -19,6 +19,7 @@ import torch.distributed as dist
 from megatron_upcycle.checkpoint.manifest import CheckpointRecord, Manifest
 from megatron_upcycle.checkpoint.meta import CheckpointMeta, read_meta
 from megatron_upcycle.errors import CheckpointError
+from megatron_upcycle.exit_codes import DiskError
 from megatron_upcycle.rundir import checkpoint_name  # noqa: F401  (re-exported: the one spelling of iter_*)
 
 
@@ -104,17 +105,41 @@ def save_checkpoint(
     state["common"] = dict(common, world_size=_world(), has_rng=True)
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
-    dist_checkpointing.save(state, str(tmp))
-    _barrier()
+    try:
+        dist_checkpointing.save(state, str(tmp))
+        _barrier()
+        if _rank() == 0:
+            meta.has_optimizer = optimizer is not None
+            meta.write(tmp)
+    except BaseException as exc:  # torch's CheckpointException is a BaseException
+        problem = None if isinstance(exc, (KeyboardInterrupt, SystemExit)) else disk_problem(root)
+        if problem is None:
+            raise
+        # The half-written copy goes; the previous checkpoints were never touched.
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DiskError(f"cannot write checkpoint {final}: {problem}; the previous checkpoints are intact") from exc
     if _rank() == 0:
-        meta.has_optimizer = optimizer is not None
-        meta.write(tmp)
         if final.exists():  # re-saving the same iteration after a resume
             shutil.rmtree(final)
         os.replace(tmp, final)
         Manifest(root).add(record)
     _barrier()
     return final
+
+
+def disk_problem(path: Path, min_free_bytes: int = 64 << 20) -> str | None:
+    """'read-only file system' / 'no space left on device' when that is why a write to
+    ``path`` failed (libraries often report it as an unrelated error), else None."""
+    try:
+        stat = os.statvfs(path)
+    except OSError:
+        return None
+    if stat.f_flag & os.ST_RDONLY or not os.access(path, os.W_OK):
+        return "read-only file system" if stat.f_flag & os.ST_RDONLY else "permission denied"
+    free = stat.f_bavail * stat.f_frsize
+    if free < min_free_bytes:
+        return f"no space left on device ({free / 2**20:.1f} MiB free)"
+    return None
 
 
 def load_checkpoint(

@@ -124,11 +124,14 @@ class Trainer:
 
     def _restore(self) -> None:
         run = self.run
+        if self.is_main and self.ckpt_root.exists():
+            # Checkpoints a killed attempt was writing: never read, never finished.
+            for partial in self.ckpt_root.glob(".tmp-*"):
+                shutil.rmtree(partial, ignore_errors=True)
         own = Manifest(self.ckpt_root).latest() if self.ckpt_root.exists() else None
         if own is not None:
             common = load_checkpoint(self.ckpt_root / own.name, self.model, self.optimizer, self.scheduler)
             self._set_position(common)
-            self.metrics.truncate_after(self.iteration)
             self._say(f"resumed from {own.name} (iteration {self.iteration}, {self.tokens:,} tokens)")
         elif self.parent_checkpoint is not None:
             common = load_checkpoint(self.parent_checkpoint, self.model, self.optimizer, self.scheduler)
@@ -145,6 +148,9 @@ class Trainer:
             # Continue the token stream where the dense model stopped, so D2 tokens are new tokens.
             self.data_offset_samples = (self.sunk_tokens() or 0) // run.model.seq_length
             self._say(f"initialised weights from {self.cfg.init_from}")
+        # Lines past the starting iteration belong to an attempt that died before
+        # saving: drop them, so metrics.jsonl reads as one uninterrupted run.
+        self.metrics.truncate_after(self.iteration)
         # The scheduler's step count is the iteration; set explicitly so a branch
         # (whose plan differs from its parent's) gets this plan's LR.
         self.scheduler.num_steps = self.iteration
@@ -255,7 +261,35 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------
 
+    def _state_is_finite(self) -> bool:
+        """Parameters and optimizer state all finite, on every rank (a collective)."""
+        tensors = [p for p in self.model.parameters()]
+        optimizers = [self.optimizer]
+        while optimizers:
+            opt = optimizers.pop()
+            if hasattr(opt, "chained_optimizers"):
+                optimizers.extend(opt.chained_optimizers)
+                continue
+            inner = getattr(opt, "optimizer", opt)
+            for state in getattr(inner, "state", {}).values():
+                tensors += [v for v in state.values() if torch.is_tensor(v) and v.is_floating_point()]
+        finite = all(bool(torch.isfinite(t).all()) for t in tensors)
+        flag = torch.tensor([1 if finite else 0], dtype=torch.int32, device=self._device())
+        if dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def _last_good(self) -> str:
+        last = Manifest(self.ckpt_root).latest() if self.ckpt_root.exists() else None
+        return f"the last good checkpoint is {last.name}" if last else "no checkpoint was written"
+
     def save(self, reason: str, budget: int | None = None) -> None:
+        # A diverging update can leave finite losses behind it and non-finite weights:
+        # such a state is never committed, so "the last good checkpoint" is good.
+        if not self._state_is_finite():
+            last_loss = self._window_losses[-1] if getattr(self, "_window_losses", None) else float("nan")
+            raise NonFiniteLoss(f"loss is {last_loss:.4g} at iteration {self.iteration} but the parameters or "
+                                f"optimizer state are non-finite: not saving them; stopped, {self._last_good()}")
         record = CheckpointRecord(
             name=checkpoint_name(self.iteration),
             iteration=self.iteration,
@@ -286,7 +320,8 @@ class Trainer:
 
     def _prune_safety(self) -> None:
         manifest = Manifest(self.ckpt_root)
-        safety = [r for r in manifest.existing() if r.reason in ("safety", "signal")]
+        # Budget checkpoints are what branches resume: retention never touches them.
+        safety = [r for r in manifest.existing() if r.reason in ("safety", "signal") and r.budget_tokens is None]
         for record in safety[: max(0, len(safety) - self.cfg.schedule.keep_safety)]:
             shutil.rmtree(self.ckpt_root / record.name, ignore_errors=True)
             manifest.remove(record.name)
@@ -322,7 +357,11 @@ class Trainer:
         self.metrics.throughput()
         while self.iteration < run.stop_iter:
             if self.requeue.agreed():
-                self.save("signal")
+                latest = Manifest(self.ckpt_root).latest() if self.ckpt_root.exists() else None
+                # The signal came during (or right after) a save of this iteration: that
+                # checkpoint, a budget's perhaps, is the one to resume; saving again would replace it.
+                if latest is None or latest.iteration != self.iteration:
+                    self.save("signal")
                 self._say(f"signal received: saved iteration {self.iteration}, exiting for requeue")
                 raise RequeueRequested()
             log_now = (self.iteration + 1) % schedule.log_interval_iters == 0 or self.iteration + 1 == run.stop_iter
@@ -333,9 +372,7 @@ class Trainer:
             self._window_losses.append(loss)
             self.metrics.count_tokens(run.tokens_per_iter)
             if not math.isfinite(loss):
-                last = Manifest(self.ckpt_root).latest() if self.ckpt_root.exists() else None
-                keep = f"the last good checkpoint is {last.name}" if last else "no checkpoint was written"
-                raise NonFiniteLoss(f"loss is {loss} at iteration {self.iteration}; stopped, {keep}")
+                raise NonFiniteLoss(f"loss is {loss} at iteration {self.iteration}; stopped, {self._last_good()}")
             if log_now:
                 self._log(loss)
             self._maybe_evaluate()

@@ -1,0 +1,99 @@
+"""Faults that used to lose work, each reproduced with a real process, signal or filesystem."""
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from engine_runs import REPO, TEST_MODEL, TOKENS_PER_ITER, env, losses, metrics, train, train_cmd, write_config
+
+
+def _manifest(run_dir):
+    return json.loads((run_dir / "checkpoints" / "manifest.json").read_text())["checkpoints"]
+
+
+def test_signal_during_a_budget_save_keeps_that_budget(tmp_path):
+    """SIGUSR1 while the budget checkpoint is being written: the budget survives retention and serves its branch."""
+    budgets = [12 * TOKENS_PER_ITER, 20 * TOKENS_PER_ITER]
+    run_dir = tmp_path / "stable"
+    config = write_config(run_dir, kind="dense", model=TEST_MODEL,
+                          schedule={"mode": "stable", "save_budgets": budgets, "safety_interval_iters": 1,
+                                    "keep_safety": 1})
+    proc = subprocess.Popen(train_cmd(config), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env())
+    partial = run_dir / "checkpoints" / ".tmp-iter_0000011"  # budget 1 saves at iteration 11
+    deadline = time.time() + 240
+    while not partial.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-2000:]
+    record = {c["iteration"]: c for c in _manifest(run_dir)}[11]
+    assert record["budget_tokens"] == budgets[0]
+
+    proc = train(config)  # resumes, saves safety checkpoints every iteration (keep 1), finishes
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [c["budget_tokens"] for c in _manifest(run_dir) if c["budget_tokens"]] == budgets
+    branch = write_config(tmp_path / "branch", kind="branch", parent=str(run_dir),
+                          schedule={"train_tokens": budgets[0]})
+    proc = train(branch)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_no_checkpoint_with_non_finite_weights_is_committed(tmp_path):
+    from megatron_upcycle.checkpoint import load_full_model_state
+
+    run_dir = tmp_path / "nan"
+    config = write_config(run_dir, kind="dense", model=TEST_MODEL,
+                          optim={"lr": 1.0e30, "warmup_iters": 0, "clip_grad": 0.0},
+                          schedule={"train_tokens": 20 * TOKENS_PER_ITER, "safety_interval_iters": 1,
+                                    "keep_safety": 100})
+    proc = train(config)
+    assert proc.returncode == 3 and "last good checkpoint" in proc.stderr
+    import torch
+
+    for record in _manifest(run_dir):
+        _, _, state, _ = load_full_model_state(run_dir / "checkpoints" / record["name"])
+        assert all(bool(torch.isfinite(t).all()) for t in state.values()), record["name"]
+    # The re-run resumes from a good checkpoint and fails the same way, not at once on NaN weights.
+    again = train(config)
+    assert again.returncode == 3 and "resumed from" in again.stdout
+
+
+def test_kill_before_the_first_checkpoint_leaves_no_repeated_metrics(tmp_path):
+    config = write_config(tmp_path / "run", kind="dense", model=TEST_MODEL,
+                          schedule={"train_tokens": 16 * TOKENS_PER_ITER})
+    from engine_runs import start_and_interrupt
+
+    proc = start_and_interrupt(config, at_iteration=5, sig=signal.SIGKILL)
+    proc.wait(timeout=60)
+    stale = tmp_path / "run" / "checkpoints" / ".tmp-iter_0000003"
+    stale.mkdir(parents=True)  # what a kill during a save leaves
+    assert train(config).returncode == 0
+    iterations = [m["iteration"] for m in metrics(tmp_path / "run") if "loss" in m]
+    assert iterations == list(range(1, 17))
+    assert not stale.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path):
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(mount)], check=True)
+    try:
+        run_dir = mount / "run"
+        config = write_config(run_dir, kind="dense", model=TEST_MODEL,
+                              schedule={"train_tokens": 40 * TOKENS_PER_ITER, "safety_interval_iters": 2,
+                                        "keep_safety": 100})
+        proc = train(config)
+        assert proc.returncode == 74, proc.stderr[-2000:]
+        lines = [line for line in proc.stderr.splitlines() if line.startswith("train:")]
+        assert len(lines) == 1 and "no space left on device" in lines[0] and "Traceback" not in proc.stderr
+        records = _manifest(run_dir)
+        assert records, "at least one checkpoint fitted before the disk filled"
+        assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+        assert losses(run_dir)
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
