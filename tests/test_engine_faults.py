@@ -97,3 +97,23 @@ def test_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path):
         assert losses(run_dir)
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_sigterm_to_the_whole_process_group_still_saves(tmp_path):
+    """Ctrl-C on the executor signals every process of the run: the save must still work."""
+    run_dir = tmp_path / "run"
+    config = write_config(run_dir, kind="dense", model=TEST_MODEL,
+                          schedule={"train_tokens": 400 * TOKENS_PER_ITER, "safety_interval_iters": 3})
+    proc = subprocess.Popen(train_cmd(config), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env(), start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (run_dir / "checkpoints" / "iter_0000006").exists():
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        time.sleep(0.05)
+    time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-2000:]
+    last = _manifest(run_dir)[-1]
+    assert last["reason"] in ("signal", "safety") and last["iteration"] > 6
+    assert "BrokenPipe" not in err and "Traceback" not in err

@@ -101,6 +101,9 @@ def save_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir()
     _barrier()
+    from megatron_upcycle import writer_queue
+
+    writer_queue.install()  # before Megatron starts its own, group-signal-fragile one
     state = _sharded_state_dict(model, optimizer, with_rng=True, is_loading=False)
     state["common"] = dict(common, world_size=_world(), has_rng=True)
     if scheduler is not None:
