@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from megatron_upcycle.sweep.plan import REPO_ROOT
-
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("sweep", help="plan, run, watch and collect a study (a DAG of runs)")
@@ -58,7 +56,7 @@ def run_run(args) -> int:
         from megatron_upcycle.sweep.slurm_render import render_sbatch
 
         for node in to_dag(plan):
-            print(render_sbatch(executor.options, [node], workdir=REPO_ROOT, log_dir=plan.root / "slurm"))
+            print(render_sbatch(executor.options, [node], workdir=Path.cwd(), log_dir=plan.root / "slurm"))
         return 0
     report = executor.submit(to_dag(plan))
     print(f"submitted {len(report.submitted)} runs ({len(report.resubmitted)} after a failure), "
@@ -78,13 +76,13 @@ def local_executor(max_parallel: int | None = None, **kwargs):
     parallel = max_parallel or os.cpu_count() or 1
     threads = str(max(1, (os.cpu_count() or 1) // parallel))
     env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-    return LocalExecutor(max_parallel=parallel, workdir=REPO_ROOT, env=env, **kwargs)
+    return LocalExecutor(max_parallel=parallel, workdir=Path.cwd(), env=env, **kwargs)
 
 
 def _slurm_executor(plan):
     from megatron_upcycle.sweep.slurm import SlurmExecutor
 
-    return SlurmExecutor(plan.experiment.slurm_options(), workdir=REPO_ROOT, log_dir=plan.root / "slurm")
+    return SlurmExecutor(plan.experiment.slurm_options(), workdir=Path.cwd(), log_dir=plan.root / "slurm")
 
 
 def run_status(args) -> int:

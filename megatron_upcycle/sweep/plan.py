@@ -26,8 +26,6 @@ from megatron_upcycle.schedule import budget_plan
 from megatron_upcycle.sweep.convert_run import CHECKPOINT_DIR
 from megatron_upcycle.sweep.experiment import Experiment, MoEChoice
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
 
 def _merge_close(sorted_values: list[int], rel: float) -> list[int]:
     kept: list[int] = []

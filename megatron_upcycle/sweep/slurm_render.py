@@ -17,9 +17,10 @@ from typing import Sequence
 
 from megatron_upcycle.config.loading import from_dict
 from megatron_upcycle.errors import ConfigError
+from megatron_upcycle.resources import sbatch_template_dir
 from megatron_upcycle.sweep.dag import RunNode
 
-TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "slurm"
+TEMPLATE_DIR = sbatch_template_dir()
 
 
 @dataclass
