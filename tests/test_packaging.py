@@ -39,7 +39,7 @@ def test_wheel_alone_has_presets_templates_and_launcher(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     for name in ("megatron_upcycle/resources/yaml/models/1B.yaml",
                  "megatron_upcycle/resources/yaml/experiments/cpu_demo.yaml",
-                 "megatron_upcycle/resources/slurm/train.sbatch",
+                 "megatron_upcycle/resources/slurm/run.sbatch",
                  "megatron_upcycle/resources/launch/train.sh"):
         assert name in names, f"{name} missing from the wheel"
 

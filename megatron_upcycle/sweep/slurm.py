@@ -110,7 +110,7 @@ def read_record(node: RunNode) -> JobRecord | None:
 
 
 def log_path(node: RunNode, job_id: str, stream: str = "err") -> Path:
-    """Where the sbatch templates send a run's output for one job."""
+    """Where the sbatch template sends a run's output for one job."""
     return node.log_dir / f"slurm-{job_id}.{stream}"
 
 

@@ -2,8 +2,9 @@
 
 ``render_sbatch(options, runs, ...)`` is a pure function (no Slurm, no files
 written): the #SBATCH header comes from ``SlurmOptions`` plus the runs' own
-resources, the body from the template for the run kind (slurm/train.sbatch,
-slurm/convert.sbatch). Each array task picks its run by SLURM_ARRAY_TASK_ID.
+resources, the body from the one template (slurm/run.sbatch) whose launch slot
+holds ``srun ...`` for training runs and the bare command for a conversion.
+Each array task picks its run by SLURM_ARRAY_TASK_ID.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from typing import Sequence
 from megatron_upcycle.config.loading import from_dict
 from megatron_upcycle.errors import ConfigError
 from megatron_upcycle.resources import sbatch_template_dir
+from megatron_upcycle.rundir import RESULT_FILE
 from megatron_upcycle.sweep.dag import RunNode
 
 TEMPLATE_DIR = sbatch_template_dir()
@@ -85,8 +87,26 @@ def format_time(minutes: int) -> str:
     return f"{days}-{rest // 60:02d}:{rest % 60:02d}:00"
 
 
+TEMPLATE_NAME = "run.sbatch"
+
+# What fills the template's launch slot (followed by " &"): a training run starts once
+# per node through srun; a conversion is one process on one node (no srun, no torchrun).
+_LAUNCH = {
+    "train": ("# srun forwards SIGUSR1 to the task on every node; --export=ALL because a job\n"
+              "# submitted with --export=NONE would otherwise hide this environment from the step.\n"
+              'srun --export=ALL --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 --kill-on-bad-exit=1 "${CMD[@]}"'),
+    "convert": '"${CMD[@]}"',
+}
+_ABOUT = {
+    "train": ("srun starts it once per node, where launch/train.sh turns it into torchrun\n"
+              "# (MASTER_ADDR is the first host, NODE_RANK is SLURM_NODEID)."),
+    "convert": "a conversion: one process on one node.",
+}
+
+
 def template_for(kind: str, template_dir: Path = TEMPLATE_DIR) -> Path:
-    return template_dir / ("convert.sbatch" if kind == "convert" else "train.sbatch")
+    """The one template; ``kind`` only chooses what fills its launch slot."""
+    return Path(template_dir) / TEMPLATE_NAME
 
 
 def _resources(options: SlurmOptions, node: RunNode) -> tuple:
@@ -176,14 +196,17 @@ def render_sbatch(
     if len(keys) > 1:
         raise ValueError(f"runs {[n.run_id for n in runs]} differ in group, dependencies or resources: "
                          "they cannot share one job array")
-    first = runs[0]
     job_name = job_name or default_job_name(options, runs)
-    template = _SbatchTemplate(template_for(first.kind, Path(template_dir)).read_text())
+    launch = "convert" if runs[0].kind == "convert" else "train"
+    template = _SbatchTemplate(template_for(runs[0].kind, Path(template_dir)).read_text())
     setup = "\n".join(options.setup) if options.setup else "# (no setup lines)"
     return template.substitute(
         header="\n".join(_header(options, runs, job_name, Path(workdir), Path(log_dir), dependencies)),
+        about=_ABOUT[launch],
         select_run=_select_run(runs),
+        result_file=shlex.quote(RESULT_FILE),
         setup=setup,
+        launch=_LAUNCH[launch],
         requeue="1" if options.requeue else "0",
         signal_seconds=str(options.signal_seconds),
     )

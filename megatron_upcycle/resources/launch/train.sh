@@ -3,7 +3,7 @@
 #
 #   local, one node:   bash launch/train.sh --config RUNS/<run>/config.yaml
 #   SLURM, any nodes:  srun --ntasks-per-node=1 bash launch/train.sh --config ...
-#                      (slurm/train.sbatch does this)
+#                      (slurm/run.sbatch does this)
 #
 # Environment (each falls back to SLURM's value, then to a single-node default):
 #   NNODES          SLURM_JOB_NUM_NODES, else 1
