@@ -47,18 +47,26 @@ def run_run(args) -> int:
     from megatron_upcycle.sweep.materialize import to_dag, write_run_dirs
 
     plan = _plan(args)
-    write_run_dirs(plan)
     if args.executor == "local":
-        report = local_executor(args.max_parallel).run(to_dag(plan, cpu_only=True))
+        dag = to_dag(plan, cpu_only=True)
+        write_run_dirs(plan)
+        report = local_executor(args.max_parallel).run(dag)
         return 0 if report.ok else 1
     executor = _slurm_executor(plan)
+    dag = to_dag(plan)
+    # Every value bound for a script is checked before plan.json or a run directory is written.
+    executor.check(dag)
     if args.dry_run:
         from megatron_upcycle.sweep.slurm_render import render_sbatch
 
-        for node in to_dag(plan):
-            print(render_sbatch(executor.options, [node], workdir=Path.cwd(), log_dir=plan.root / "slurm"))
+        scripts = [render_sbatch(executor.options, [node], workdir=executor.workdir, log_dir=executor.log_dir)
+                   for node in dag]
+        write_run_dirs(plan)
+        for script in scripts:
+            print(script)
         return 0
-    report = executor.submit(to_dag(plan))
+    write_run_dirs(plan)
+    report = executor.submit(dag)
     print(f"submitted {len(report.submitted)} runs ({len(report.resubmitted)} after a failure), "
           f"{len(report.queued)} already queued or running, {len(report.done)} done")
     for run_id, job_id in report.submitted.items():
