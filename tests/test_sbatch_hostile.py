@@ -75,7 +75,10 @@ def _assert_inert(script: str, tmp_path: Path) -> None:
 def test_hostile_paths_and_arguments_are_quoted_and_inert(tmp_path, kind, part):
     run_dir = tmp_path / "out" / part / "runs" / "r1"
     workdir, log_dir = tmp_path / f"wd {part}", tmp_path / f"logs {part}"
-    options = SlurmOptions(extra_sbatch=[f"--comment={part}"], account="acct")
+    # Slurm option words may hold shell characters (a constraint is an expression): quoted, inert.
+    options = SlurmOptions(extra_sbatch=[f"--comment={part}"], account="$(touch${IFS}PWNED)",
+                           partition="`touch${IFS}PWNED`", constraint="a100|h100&x;touch${IFS}PWNED",
+                           qos="'q'", mem='"0"')
     for arg in HOSTILE + ["line1\nline2"]:
         script = render_sbatch(options, [_node(run_dir, kind, arg)], workdir=workdir, log_dir=log_dir)
         _assert_inert(script, tmp_path)

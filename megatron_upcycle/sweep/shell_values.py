@@ -7,8 +7,11 @@ line it sits in and run the rest as a command. So each kind of value has one
 check, applied before anything is rendered or written, and everything but the
 intentional shell (``setup`` lines) is rendered through ``quote``:
 
-  names    experiment / run / job / array-group names, account, partition, ...:
+  names    experiment / run / job / array-group names, the job name prefix:
            only ``[A-Za-z0-9._+=-]`` (they name files, jobs and log files too)
+  words    account, partition, qos, constraint, mem: one word without whitespace or
+           control characters (a constraint is an expression like ``a100|h100``,
+           a partition may be a list ``gpu,gpu-long``)
   paths    run, log and working directories: anything but control characters
   args     command-line arguments: anything but NUL (quoting keeps the rest inert)
   shell    ``setup`` lines: verbatim shell by design, but no NUL
@@ -34,6 +37,13 @@ def check_name(value, what: str) -> str:
     text = str(value)
     if not _NAME.fullmatch(text):
         raise ConfigError(f"{what} must be letters, digits and . _ + = - only (got {text!r})")
+    return text
+
+
+def check_word(value, what: str) -> str:
+    text = str(value)
+    if not text or _CONTROL.search(text) or any(c.isspace() for c in text):
+        raise ConfigError(f"{what} must be one word without spaces or control characters (got {text!r})")
     return text
 
 

@@ -59,10 +59,11 @@ class SlurmOptions:
 
     def check(self) -> None:
         """The values that reach the script (again at render: options are mutable)."""
-        for name in ("account", "partition", "qos", "constraint", "mem", "job_name_prefix"):
+        for name in ("account", "partition", "qos", "constraint", "mem"):
             value = getattr(self, name)
             if value is not None:
-                sv.check_name(value, f"slurm option {name}")
+                sv.check_word(value, f"slurm option {name}")
+        sv.check_name(self.job_name_prefix, "slurm option job_name_prefix")
         for line in self.extra_sbatch:
             sv.check_sbatch_option(line, "slurm option extra_sbatch")
         for line in self.setup:
