@@ -110,3 +110,22 @@ def test_a_user_mistake_is_one_line_and_exit_2(tmp_path):
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 2, err
     assert len(err.strip().splitlines()) == 1 and err.startswith("convert: error: ")
+
+
+def test_the_previous_handlers_come_back_after_the_conversion():
+    from megatron_upcycle.upcycle.stopping import STOP_SIGNALS, stop_on_signals
+
+    def mine(*_):
+        pass
+
+    before = {sig: signal.signal(sig, mine) for sig in STOP_SIGNALS}
+    try:
+        with stop_on_signals() as stop:
+            assert all(signal.getsignal(sig) is not mine for sig in STOP_SIGNALS)
+            os.kill(os.getpid(), signal.SIGUSR1)
+            time.sleep(0.01)
+            assert stop.name == "SIGUSR1"
+        assert all(signal.getsignal(sig) is mine for sig in STOP_SIGNALS)
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)

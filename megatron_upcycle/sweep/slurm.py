@@ -212,6 +212,7 @@ class SlurmExecutor:
     def submit(self, dag: RunDAG) -> SubmitReport:
         if shutil.which("sbatch") is None:
             raise SlurmNotFoundError("sbatch")
+        self.check(dag)  # before the first directory is made
         log_dir = self._log_dir(dag)
         log_dir.mkdir(parents=True, exist_ok=True)
         with _exclusive(log_dir / ".submit.lock"):
