@@ -6,6 +6,10 @@ setup(
     description="Sparse-upcycling research (dense -> MoE) on NVIDIA Megatron-Core",
     python_requires=">=3.11",
     packages=find_packages(include=["megatron_upcycle", "megatron_upcycle.*"]),
+    # Presets, the sbatch template and the launcher ship inside the package (found by
+    # megatron_upcycle.resources); the checkout's yaml/, slurm/, launch/ are symlinks to them.
+    package_data={"megatron_upcycle.resources": ["yaml/models/*.yaml", "yaml/experiments/*.yaml",
+                                                 "slurm/*.sbatch", "launch/*.sh"]},
     install_requires=[
         "torch>=2.6",
         # 0.16.1 is the newest for Python 3.11; the CPU accommodations are pinned to its code.

@@ -12,18 +12,18 @@ import argparse
 import csv
 import sys
 import time
-from pathlib import Path
 
-from megatron_upcycle.sweep.plan import REPO_ROOT
+from megatron_upcycle.resources import experiment_preset
 
-EXPERIMENT = REPO_ROOT / "yaml" / "experiments" / "cpu_demo.yaml"
+EXPERIMENT = experiment_preset("cpu_demo")
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m megatron_upcycle.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiment", default=str(EXPERIMENT))
-    parser.add_argument("--root", default=str(REPO_ROOT / "demo_out"), help="output root (default: demo_out/)")
+    parser.add_argument("--root", default="demo_out",
+                        help="output root (default: demo_out/ in the current directory)")
     parser.add_argument("--max-parallel", type=int, default=None, help="concurrent runs (default: cores)")
     return parser.parse_args(argv)
 

@@ -264,3 +264,38 @@ def test_queued_dependent_of_a_resubmitted_run_is_replaced(cluster, tmp_path):
     assert cluster.run(["squeue", "-h", "-t", "all", "-j", old["child"], "-o", "%T"]).stdout.strip() == "CANCELLED"
     cluster.run(["scontrol", "release", new.submitted["parent"], new.submitted["child"]])
     assert all(s.state is RunState.DONE for s in wait(ex, dag, cluster))
+
+
+def test_conversion_stopped_by_usr1_requeues_and_converts_in_paths_with_spaces(cluster, tmp_path):
+    # The real converter under the one template's bare launch slot; every path holds a
+    # space, so sbatch itself reads the quoted --chdir and --output.
+    from test_convert_signals import MODEL, WRITE_DENSE
+    from megatron_upcycle.config import to_dict
+
+    root = tmp_path / "sweep root"
+    dense = root / "dense ckpt"
+    made = subprocess.run([sys.executable, "-c", WRITE_DENSE, str(dense), repr(to_dict(MODEL))],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert made.returncode == 0, made.stderr
+    run_dir = root / "runs" / "convert"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(json.dumps({"dense": str(dense), "moe": {"num_experts": 8, "topk": 2}}))
+    node = RunNode("convert", "convert", run_dir, [sys.executable, "-m", "megatron_upcycle.sweep.convert_run",
+                                                   "--config", str(run_dir / "config.yaml")], time_minutes=10)
+    dag = RunDAG([node])
+    ex = SlurmExecutor(SlurmOptions(setup=[f"export PYTHONPATH={REPO}"]), workdir=tmp_path / "work dir",
+                       log_dir=root / "slurm logs", progress=None)
+    (tmp_path / "work dir").mkdir()
+    job = ex.submit(dag).submitted["convert"]
+    deadline = time.monotonic() + 120
+    while not list(run_dir.glob(".tmp-*")):
+        assert time.monotonic() < deadline, f"never started writing\n{format_status_table(ex.status(dag))}"
+        time.sleep(0.05)
+    cluster.run(["scancel", "--batch", "--signal=USR1", job])
+    final = wait(ex, dag, cluster)
+    assert final[0].state is RunState.DONE
+    assert (run_dir / "result.json").exists() and not list(run_dir.glob(".tmp-*"))
+    out, err = log_path(node, job, "out").read_text(), log_path(node, job, "err").read_text()
+    assert "SIGUSR1" in out and f"requeueing job {job}" in out and "(restart 1)" in out
+    assert "stopped by SIGUSR1: partial output removed" in err and "Traceback" not in err
+    assert list((root / "slurm logs").glob("upcycle-convert-*.out"))  # sbatch read the quoted --output

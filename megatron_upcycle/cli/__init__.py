@@ -12,7 +12,7 @@ import sys
 
 from megatron_upcycle import __version__
 from megatron_upcycle.errors import UserError
-from megatron_upcycle.exit_codes import EXIT_USER_ERROR
+from megatron_upcycle.exit_codes import EXIT_USER_ERROR, RequeueRequested, report
 
 # Module names under megatron_upcycle.cli, in --help order.
 SUBCOMMAND_MODULES = [
@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"upcycle: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except RequeueRequested as exc:  # `upcycle convert` stopped by a signal, partial output removed
+        return report("upcycle", exc)
     except KeyboardInterrupt:
         print("upcycle: interrupted", file=sys.stderr)
         return 130

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from megatron_upcycle.sweep.plan import REPO_ROOT
-
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("sweep", help="plan, run, watch and collect a study (a DAG of runs)")
@@ -49,18 +47,26 @@ def run_run(args) -> int:
     from megatron_upcycle.sweep.materialize import to_dag, write_run_dirs
 
     plan = _plan(args)
-    write_run_dirs(plan)
     if args.executor == "local":
-        report = local_executor(args.max_parallel).run(to_dag(plan, cpu_only=True))
+        dag = to_dag(plan, cpu_only=True)
+        write_run_dirs(plan)
+        report = local_executor(args.max_parallel).run(dag)
         return 0 if report.ok else 1
     executor = _slurm_executor(plan)
+    dag = to_dag(plan)
+    # Every value bound for a script is checked before plan.json or a run directory is written.
+    executor.check(dag)
     if args.dry_run:
         from megatron_upcycle.sweep.slurm_render import render_sbatch
 
-        for node in to_dag(plan):
-            print(render_sbatch(executor.options, [node], workdir=REPO_ROOT, log_dir=plan.root / "slurm"))
+        scripts = [render_sbatch(executor.options, [node], workdir=executor.workdir, log_dir=executor.log_dir)
+                   for node in dag]
+        write_run_dirs(plan)
+        for script in scripts:
+            print(script)
         return 0
-    report = executor.submit(to_dag(plan))
+    write_run_dirs(plan)
+    report = executor.submit(dag)
     print(f"submitted {len(report.submitted)} runs ({len(report.resubmitted)} after a failure), "
           f"{len(report.queued)} already queued or running, {len(report.done)} done")
     for run_id, job_id in report.submitted.items():
@@ -78,13 +84,13 @@ def local_executor(max_parallel: int | None = None, **kwargs):
     parallel = max_parallel or os.cpu_count() or 1
     threads = str(max(1, (os.cpu_count() or 1) // parallel))
     env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-    return LocalExecutor(max_parallel=parallel, workdir=REPO_ROOT, env=env, **kwargs)
+    return LocalExecutor(max_parallel=parallel, workdir=Path.cwd(), env=env, **kwargs)
 
 
 def _slurm_executor(plan):
     from megatron_upcycle.sweep.slurm import SlurmExecutor
 
-    return SlurmExecutor(plan.experiment.slurm_options(), workdir=REPO_ROOT, log_dir=plan.root / "slurm")
+    return SlurmExecutor(plan.experiment.slurm_options(), workdir=Path.cwd(), log_dir=plan.root / "slurm")
 
 
 def run_status(args) -> int:

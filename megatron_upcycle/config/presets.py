@@ -1,21 +1,15 @@
-"""Locating and loading the model presets in yaml/models/."""
+"""Locating and loading the model presets (the package's yaml/models/, see megatron_upcycle.resources)."""
 from __future__ import annotations
 
 import difflib
-import os
 from pathlib import Path
 
 from megatron_upcycle.config.loading import from_dict, read_yaml
 from megatron_upcycle.config.model import ModelConfig
 from megatron_upcycle.errors import ConfigError
+from megatron_upcycle.resources import yaml_root
 
 
-def yaml_root() -> Path:
-    """The repository's yaml/ folder (override with MEGATRON_UPCYCLE_YAML)."""
-    override = os.environ.get("MEGATRON_UPCYCLE_YAML")
-    if override:
-        return Path(override)
-    return Path(__file__).resolve().parents[2] / "yaml"
 
 
 def model_names() -> list[str]:

@@ -102,6 +102,13 @@ class Experiment:
     output_root: str | None = None  # default: runs_<name> next to the experiment file
 
     def __post_init__(self) -> None:
+        from megatron_upcycle.sweep.shell_values import check_name, check_path
+
+        # The name and the output root end up in directory names, job names and sbatch
+        # scripts: refuse what could break out of them at load, not at submission.
+        check_name(self.name, "experiment: name")
+        if self.output_root is not None:
+            check_path(self.output_root, "experiment: output_root")
         if not self.dense_models:
             raise ConfigError("experiment: dense_models is empty")
         if not self.d1.values():

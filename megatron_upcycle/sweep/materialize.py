@@ -10,7 +10,7 @@ from megatron_upcycle.atomic import write_json_atomic, write_text_atomic
 from megatron_upcycle.config.loading import to_dict
 from megatron_upcycle.errors import ConfigError
 from megatron_upcycle.sweep.dag import RunDAG, RunNode
-from megatron_upcycle.sweep.plan import REPO_ROOT, Plan, PlannedRun
+from megatron_upcycle.sweep.plan import Plan, PlannedRun
 
 PLAN_FILE = "plan.json"
 
@@ -23,7 +23,9 @@ def config_text(run: PlannedRun) -> str:
 def command_for(run: PlannedRun, config_path: Path) -> list[str]:
     if run.kind == "convert":
         return [sys.executable, "-m", "megatron_upcycle.sweep.convert_run", "--config", str(config_path)]
-    return ["bash", str(REPO_ROOT / "launch" / "train.sh"), "--config", str(config_path)]
+    from megatron_upcycle.resources import launcher
+
+    return ["bash", str(launcher()), "--config", str(config_path)]
 
 
 def write_run_dirs(plan: Plan) -> None:

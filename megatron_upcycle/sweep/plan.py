@@ -29,8 +29,6 @@ from megatron_upcycle.rundir import RunDir
 from megatron_upcycle.sweep.experiment import Experiment, MoEChoice
 from megatron_upcycle.upcycle.options import ConvertRunConfig
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
 
 def _merge_close(sorted_values: list[int], rel: float) -> list[int]:
     kept: list[int] = []

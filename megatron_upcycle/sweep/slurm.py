@@ -32,7 +32,7 @@ from megatron_upcycle.sweep.dag import RunDAG, RunNode, is_done
 from megatron_upcycle.atomic import write_json_atomic, write_text_atomic
 from megatron_upcycle.sweep.jsonfile import read_json, tail
 from megatron_upcycle.sweep.slurm_render import (
-    TEMPLATE_DIR, SlurmOptions, array_key, default_job_name, render_sbatch,
+    TEMPLATE_DIR, SlurmOptions, array_key, check_inputs, default_job_name, render_sbatch,
 )
 from megatron_upcycle.sweep.status import RunState, RunStatus, format_status_table
 
@@ -110,7 +110,7 @@ def read_record(node: RunNode) -> JobRecord | None:
 
 
 def log_path(node: RunNode, job_id: str, stream: str = "err") -> Path:
-    """Where the sbatch templates send a run's output for one job."""
+    """Where the sbatch template sends a run's output for one job."""
     return node.log_dir / f"slurm-{job_id}.{stream}"
 
 
@@ -202,9 +202,17 @@ class SlurmExecutor:
         parents = [str(node.run_dir.resolve().parent) for node in dag]
         return Path(os.path.commonpath(parents)) / ".slurm"
 
+    def check(self, dag: RunDAG) -> None:
+        """Refuse (ConfigError) any value that would reach a script unsafely, before
+        anything is written; submit and render check again."""
+        log_dir = self._log_dir(dag)
+        for node in dag:
+            check_inputs(self.options, [node], self.workdir, log_dir, (), default_job_name(self.options, [node]))
+
     def submit(self, dag: RunDAG) -> SubmitReport:
         if shutil.which("sbatch") is None:
             raise SlurmNotFoundError("sbatch")
+        self.check(dag)  # before the first directory is made
         log_dir = self._log_dir(dag)
         log_dir.mkdir(parents=True, exist_ok=True)
         with _exclusive(log_dir / ".submit.lock"):
@@ -248,11 +256,12 @@ class SlurmExecutor:
         return report
 
     def _submit_group(self, runs: list[RunNode], deps: list[str], log_dir: Path) -> list[str]:
-        for node in runs:
-            node.log_dir.mkdir(parents=True, exist_ok=True)
         job_name = default_job_name(self.options, runs)
+        # Rendering checks every value: nothing is created for a script that is refused.
         script = render_sbatch(self.options, runs, workdir=self.workdir, log_dir=log_dir, dependencies=deps,
                                job_name=job_name, template_dir=self.template_dir)
+        for node in runs:
+            node.log_dir.mkdir(parents=True, exist_ok=True)
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
         script_path = log_dir / f"{job_name}.{stamp}.sbatch"
         write_text_atomic(script_path, script)

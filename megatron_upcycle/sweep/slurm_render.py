@@ -2,14 +2,16 @@
 
 ``render_sbatch(options, runs, ...)`` is a pure function (no Slurm, no files
 written): the #SBATCH header comes from ``SlurmOptions`` plus the runs' own
-resources, the body from the template for the run kind (slurm/train.sbatch,
-slurm/convert.sbatch). Each array task picks its run by SLURM_ARRAY_TASK_ID.
+resources, the body from the one template (slurm/run.sbatch) whose launch slot
+holds ``srun ...`` for training runs and the bare command for a conversion.
+Each array task picks its run by SLURM_ARRAY_TASK_ID. Every value is checked
+(sweep.shell_values) before anything is rendered, and quoted when rendered.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import shlex
+import re
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,9 +19,12 @@ from typing import Sequence
 
 from megatron_upcycle.config.loading import from_dict
 from megatron_upcycle.errors import ConfigError
+from megatron_upcycle.resources import sbatch_template_dir
+from megatron_upcycle.rundir import RESULT_FILE
+from megatron_upcycle.sweep import shell_values as sv
 from megatron_upcycle.sweep.dag import RunNode
 
-TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "slurm"
+TEMPLATE_DIR = sbatch_template_dir()
 
 
 @dataclass
@@ -49,17 +54,20 @@ class SlurmOptions:
                 raise ConfigError(f"slurm option {name} must be >= 1, got {value}")
         if self.gpus_per_node is not None and self.gpus_per_node < 0:
             raise ConfigError(f"slurm option gpus_per_node must be >= 0, got {self.gpus_per_node}")
-        cleaned = []
-        for line in self.extra_sbatch:
-            line = line.strip().removeprefix("#SBATCH").strip()
-            if not line.startswith("-") or "\n" in line:
-                raise ConfigError(f"slurm option extra_sbatch: {line!r} is not an sbatch option like '--exclusive'")
-            cleaned.append(line)
-        self.extra_sbatch = cleaned
-        for name in ("account", "partition", "qos", "constraint", "mem", "job_name_prefix"):
+        self.extra_sbatch = [sv.check_sbatch_option(line, "slurm option extra_sbatch") for line in self.extra_sbatch]
+        self.check()
+
+    def check(self) -> None:
+        """The values that reach the script (again at render: options are mutable)."""
+        for name in ("account", "partition", "qos", "constraint", "mem"):
             value = getattr(self, name)
-            if value is not None and (not str(value).strip() or any(c in str(value) for c in "\n ")):
-                raise ConfigError(f"slurm option {name}: {value!r} must be one word")
+            if value is not None:
+                sv.check_word(value, f"slurm option {name}")
+        sv.check_name(self.job_name_prefix, "slurm option job_name_prefix")
+        for line in self.extra_sbatch:
+            sv.check_sbatch_option(line, "slurm option extra_sbatch")
+        for line in self.setup:
+            sv.check_shell_line(line, "slurm option setup")
 
     @classmethod
     def from_dict(cls, data: dict) -> "SlurmOptions":
@@ -84,8 +92,27 @@ def format_time(minutes: int) -> str:
     return f"{days}-{rest // 60:02d}:{rest % 60:02d}:00"
 
 
+TEMPLATE_NAME = "run.sbatch"
+
+# What fills the template's launch slot (followed by " &"): a training run starts once
+# per node through srun; a conversion is one process on one node (no srun, no torchrun).
+_LAUNCH = {
+    "train": ("# srun forwards SIGUSR1 to the task on every node; --export=ALL because a job\n"
+              "# submitted with --export=NONE would otherwise hide this environment from the step.\n"
+              'srun --export=ALL --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 --kill-on-bad-exit=1 "${CMD[@]}"'),
+    "convert": '"${CMD[@]}"',
+}
+_ABOUT = {
+    "train": ("srun starts it once per node, where launch/train.sh turns it into torchrun\n"
+              "# (MASTER_ADDR is the first host, NODE_RANK is SLURM_NODEID)."),
+    "convert": "a conversion: one process on one node.",
+}
+_JOB_ID = re.compile(r"[0-9]+(_[0-9]+)?")
+
+
 def template_for(kind: str, template_dir: Path = TEMPLATE_DIR) -> Path:
-    return template_dir / ("convert.sbatch" if kind == "convert" else "train.sbatch")
+    """The one template; ``kind`` only chooses what fills its launch slot."""
+    return Path(template_dir) / TEMPLATE_NAME
 
 
 def _resources(options: SlurmOptions, node: RunNode) -> tuple:
@@ -108,10 +135,11 @@ def _header(options: SlurmOptions, runs: Sequence[RunNode], job_name: str, workd
     nodes, gpus, cpus, minutes, _ = _resources(options, runs[0])
     is_array = len(runs) > 1
     log_name = "%x-%A_%a.out" if is_array else "%x-%j.out"
+    q = sv.sbatch_option
     opts = [
-        f"--job-name={job_name}",
-        f"--chdir={workdir}",
-        f"--output={log_dir / log_name}",
+        q("--job-name", job_name),
+        q("--chdir", workdir),
+        q("--output", log_dir / log_name),
         "--open-mode=append",
         f"--nodes={nodes}",
         "--ntasks-per-node=1",
@@ -121,13 +149,13 @@ def _header(options: SlurmOptions, runs: Sequence[RunNode], job_name: str, workd
     if gpus:
         opts.append(f"--gpus-per-node={gpus}")
     if options.mem:
-        opts.append(f"--mem={options.mem}")
+        opts.append(q("--mem", options.mem))
     opts.append(f"--time={format_time(minutes)}")
     opts.append(f"--signal=B:USR1@{options.signal_seconds}")
     opts.append("--requeue" if options.requeue else "--no-requeue")
     for name in ("account", "partition", "qos", "constraint"):
         if getattr(options, name):
-            opts.append(f"--{name}={getattr(options, name)}")
+            opts.append(q(f"--{name}", getattr(options, name)))
     if is_array:
         throttle = f"%{options.array_throttle}" if options.array_throttle else ""
         opts.append(f"--array=0-{len(runs) - 1}{throttle}")
@@ -135,15 +163,15 @@ def _header(options: SlurmOptions, runs: Sequence[RunNode], job_name: str, workd
         opts.append(f"--dependency=afterok:{':'.join(dependencies)}")
         # A failed dependency cancels this job instead of leaving it pending forever.
         opts.append("--kill-on-invalid-dep=yes")
-    opts.extend(options.extra_sbatch)
+    opts.extend(sv.quote_sbatch_option(line) for line in options.extra_sbatch)
     return [f"#SBATCH {opt}" for opt in opts]
 
 
 def _select_run(runs: Sequence[RunNode]) -> str:
     lines = ['case "${SLURM_ARRAY_TASK_ID:-0}" in']
     for index, node in enumerate(runs):
-        lines.append(f"    {index}) RUN_ID={shlex.quote(node.run_id)}; RUN_DIR={shlex.quote(str(node.run_dir))}")
-        lines.append(f"       CMD=({' '.join(shlex.quote(arg) for arg in node.command)}) ;;")
+        lines.append(f"    {index}) RUN_ID={sv.quote(node.run_id)}; RUN_DIR={sv.quote(str(node.run_dir))}")
+        lines.append(f"       CMD=({' '.join(sv.quote(arg) for arg in node.command)}) ;;")
     lines.append('    *) echo "no run for array task ${SLURM_ARRAY_TASK_ID}" >&2; exit 2 ;;')
     lines.append("esac")
     return "\n".join(lines)
@@ -153,6 +181,25 @@ def default_job_name(options: SlurmOptions, runs: Sequence[RunNode]) -> str:
     """<prefix>-<run_id>, or <prefix>-<array_group> for an array."""
     label = runs[0].array_group if len(runs) > 1 and runs[0].array_group else runs[0].run_id
     return f"{options.job_name_prefix}-{label}"
+
+
+def check_inputs(options: SlurmOptions, runs: Sequence[RunNode], workdir, log_dir,
+                 dependencies: Sequence[str], job_name: str) -> None:
+    """Every value bound for the script, checked in one place before anything is rendered."""
+    options.check()
+    for node in runs:  # first: the default job name is made of them
+        sv.check_name(node.run_id, "run id")
+        if node.array_group is not None:
+            sv.check_name(node.array_group, f"run '{node.run_id}': array group")
+        sv.check_path(node.run_dir, f"run '{node.run_id}': run directory")
+        for arg in node.command:
+            sv.check_arg(arg, f"run '{node.run_id}': command argument")
+    sv.check_name(job_name, "slurm job name")
+    sv.check_path(workdir, "slurm working directory")
+    sv.check_path(log_dir, "slurm log directory")
+    for job_id in dependencies:
+        if not _JOB_ID.fullmatch(str(job_id)):
+            raise ConfigError(f"slurm dependency {job_id!r} is not a job id like 123 or 123_4")
 
 
 def render_sbatch(
@@ -175,14 +222,18 @@ def render_sbatch(
     if len(keys) > 1:
         raise ValueError(f"runs {[n.run_id for n in runs]} differ in group, dependencies or resources: "
                          "they cannot share one job array")
-    first = runs[0]
     job_name = job_name or default_job_name(options, runs)
-    template = _SbatchTemplate(template_for(first.kind, Path(template_dir)).read_text())
+    check_inputs(options, runs, workdir, log_dir, dependencies, job_name)
+    launch = "convert" if runs[0].kind == "convert" else "train"
+    template = _SbatchTemplate(template_for(runs[0].kind, Path(template_dir)).read_text())
     setup = "\n".join(options.setup) if options.setup else "# (no setup lines)"
     return template.substitute(
         header="\n".join(_header(options, runs, job_name, Path(workdir), Path(log_dir), dependencies)),
+        about=_ABOUT[launch],
         select_run=_select_run(runs),
+        result_file=sv.quote(RESULT_FILE),
         setup=setup,
+        launch=_LAUNCH[launch],
         requeue="1" if options.requeue else "0",
         signal_seconds=str(options.signal_seconds),
     )

@@ -4,10 +4,14 @@ Order of work, so that a mistake never leaves a finished-looking output:
   1. validate everything that can be validated without writing (output free,
      MoE options against the model, source tensors against the model config,
      storage complete, memory for verification);
-  2. stream the MoE checkpoint into ``.tmp-<name>.<pid>`` next to the output;
+  2. stream the MoE checkpoint into ``.tmp-<name>.<host>.<pid>`` next to the
+     output (temporary outputs of dead earlier attempts are removed first);
   3. write upcycle_meta.json, run the function-preservation check;
   4. rename to the output on success, to ``<name>.failed`` when a required
      check fails; on any error the temporary directory is removed.
+SIGTERM, SIGUSR1 and SIGINT stop the conversion at the next safe point (between
+tensors, before and after verification): the temporary output is removed and
+RequeueRequested (exit 75) is raised; see upcycle.stopping.
 """
 from __future__ import annotations
 
@@ -23,7 +27,11 @@ from megatron_upcycle import __version__
 from megatron_upcycle.checkpoint.meta import CheckpointMeta
 from megatron_upcycle.config.model import ModelConfig, MoEConfig
 from megatron_upcycle.errors import CheckpointError, ConfigError
+from megatron_upcycle.exit_codes import RequeueRequested
 from megatron_upcycle.upcycle.options import UpcycleOptions
+from megatron_upcycle.upcycle.stopping import (
+    StopFlag, owned, release, remove_stale_temp_dirs, stop_on_signals, temp_dir_for,
+)
 
 CONVERTER_VERSION = f"megatron-upcycle {__version__} (converter format 1)"
 FAILED_MARKER = "VERIFICATION_FAILED.json"
@@ -107,8 +115,11 @@ def write_moe_checkpoint(
     model: ModelConfig,
     moe: MoEConfig,
     options: UpcycleOptions,
+    stop: StopFlag | None = None,
 ) -> int:
-    """Stream the MoE tensors (and carried moments) into ``tmp``; returns tensor bytes."""
+    """Stream the MoE tensors (and carried moments) into ``tmp``; returns tensor bytes.
+
+    ``stop.check()`` runs before each tensor: a signal stops the writing between two tensors."""
     from megatron_upcycle.upcycle.layout import target_layout
     from megatron_upcycle.upcycle.recipe import MoEParams
     from megatron_upcycle.upcycle.source import MOMENT_PREFIXES
@@ -137,6 +148,8 @@ def write_moe_checkpoint(
             jobs.append((field, shard))
 
     def produce(i: int) -> torch.Tensor:
+        if stop is not None:
+            stop.check()
         field, shard = jobs[i]
         return builders[field].shard(shard, target.param_shapes[shard.param])
 
@@ -171,7 +184,7 @@ def convert_dense_to_moe(
     _check_output_free(out)
     exact, why = function_preserving(moe, options)
     require = exact if require_exact is None else require_exact
-    with single_process_groups():
+    with stop_on_signals() as stop, single_process_groups():
         model = dense_model_config(dense, model)
         _check_moe_fits_model(model, moe)
         source = DenseCheckpoint(dense, model, dense_layout(model))
@@ -180,59 +193,80 @@ def convert_dense_to_moe(
         if verify:
             _check_verify_memory(model, moe)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.parent / f".tmp-{out.name}.{os.getpid()}"
+        remove_stale_temp_dirs(out, log)
+        tmp = temp_dir_for(out)
         if tmp.exists():
             shutil.rmtree(tmp)
+        stop.check()
         try:
-            log(f"writing {moe.num_experts} experts (top-{moe.topk}, init {options.init}) to {tmp.name}")
-            start = time.perf_counter()
-            tensor_bytes = write_moe_checkpoint(tmp, source, model, moe, options)
-            write_seconds = time.perf_counter() - start
-            provenance = dict(
-                source.provenance(),
-                options=options.to_dict(),
-                seed=options.seed,
-                converter_version=CONVERTER_VERSION,
-                function_preserving=exact,
-                function_preserving_reason=why,
-                created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            )
-            meta = CheckpointMeta(
-                model=model,
-                moe=moe,
-                iteration=0,
-                tokens=0,
-                has_optimizer=options.carry_moments,
-                tokenizer=source.meta.tokenizer if source.meta else None,
-                run_kind="convert",
-                provenance=provenance,
-            )
-            meta.write(tmp)
-            report = None
-            if verify:
-                from megatron_upcycle.verify import verify_checkpoints
-
-                log("verifying: same batch through the dense and the MoE model")
-                report = verify_checkpoints(
-                    dense, tmp, model=model, batch_size=verify_batch_size, seq_length=verify_seq_length,
-                    tolerance=tolerance, require_exact=require,
+            with owned(tmp):
+                result = _write_and_verify(
+                    tmp, out, dense, source, model, moe, options, exact, why, verify, require, tolerance,
+                    verify_batch_size, verify_seq_length, stop, log,
                 )
-                meta.provenance["verification"] = report.summary()
-                meta.write(tmp)
-                if not report.passed:
-                    from megatron_upcycle.atomic import write_json_atomic
-
-                    meta.run_kind = "convert-failed"  # loadable for inspection, never mistaken for a result
-                    meta.write(tmp)
-                    write_json_atomic(tmp / FAILED_MARKER, report.to_dict())
-                    failed = _unique_failed_name(out)
-                    os.replace(tmp, failed)
-                    return ConvertResult(failed, "failed", write_seconds, tensor_bytes, meta, report)
-            else:
-                meta.provenance["verification"] = None
-                meta.write(tmp)
-            os.replace(tmp, out)
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
+            if stop.signum is not None and not isinstance(exc, RequeueRequested):
+                # The signal arrived inside a library call that turned our stop into its own error.
+                raise stop.requeue() from None
             raise
+    return result
+
+
+def _write_and_verify(tmp, out, dense, source, model, moe, options, exact, why, verify, require, tolerance,
+                      verify_batch_size, verify_seq_length, stop, log) -> ConvertResult:
+    """Steps 2-4 of the module docstring, inside the owned temporary directory."""
+    log(f"writing {moe.num_experts} experts (top-{moe.topk}, init {options.init}) to {tmp.name}")
+    start = time.perf_counter()
+    tensor_bytes = write_moe_checkpoint(tmp, source, model, moe, options, stop)
+    write_seconds = time.perf_counter() - start
+    provenance = dict(
+        source.provenance(),
+        options=options.to_dict(),
+        seed=options.seed,
+        converter_version=CONVERTER_VERSION,
+        function_preserving=exact,
+        function_preserving_reason=why,
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )
+    meta = CheckpointMeta(
+        model=model,
+        moe=moe,
+        iteration=0,
+        tokens=0,
+        has_optimizer=options.carry_moments,
+        tokenizer=source.meta.tokenizer if source.meta else None,
+        run_kind="convert",
+        provenance=provenance,
+    )
+    meta.write(tmp)
+    stop.check()
+    report = None
+    if verify:
+        from megatron_upcycle.verify import verify_checkpoints
+
+        log("verifying: same batch through the dense and the MoE model")
+        report = verify_checkpoints(
+            dense, tmp, model=model, batch_size=verify_batch_size, seq_length=verify_seq_length,
+            tolerance=tolerance, require_exact=require,
+        )
+        stop.check()
+        meta.provenance["verification"] = report.summary()
+        meta.write(tmp)
+        if not report.passed:
+            from megatron_upcycle.atomic import write_json_atomic
+
+            meta.run_kind = "convert-failed"  # loadable for inspection, never mistaken for a result
+            meta.write(tmp)
+            write_json_atomic(tmp / FAILED_MARKER, report.to_dict())
+            failed = _unique_failed_name(out)
+            release(tmp)
+            os.replace(tmp, failed)
+            return ConvertResult(failed, "failed", write_seconds, tensor_bytes, meta, report)
+    else:
+        meta.provenance["verification"] = None
+        meta.write(tmp)
+    stop.check()
+    release(tmp)
+    os.replace(tmp, out)  # the last step: after it, a signal no longer undoes the conversion
     return ConvertResult(out, "ok" if verify else "unverified", write_seconds, tensor_bytes, meta, report)

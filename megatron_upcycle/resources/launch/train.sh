@@ -3,7 +3,7 @@
 #
 #   local, one node:   bash launch/train.sh --config RUNS/<run>/config.yaml
 #   SLURM, any nodes:  srun --ntasks-per-node=1 bash launch/train.sh --config ...
-#                      (slurm/train.sbatch does this)
+#                      (slurm/run.sbatch does this)
 #
 # Environment (each falls back to SLURM's value, then to a single-node default):
 #   NNODES          SLURM_JOB_NUM_NODES, else 1
@@ -11,7 +11,7 @@
 #   MASTER_ADDR     first host of `scontrol show hostnames $SLURM_JOB_NODELIST`
 #   MASTER_PORT     20000 + SLURM_JOB_ID % 20000 (jobs sharing a node get different ports)
 #   NPROC_PER_NODE  SLURM_GPUS_ON_NODE, else the GPUs in CUDA_VISIBLE_DEVICES / nvidia-smi, else 1 (CPU)
-#   PYTHON          the repository's .venv/bin/python when present, else python3
+#   PYTHON          the checkout's .venv/bin/python, else the virtualenv the package is in, else python3
 #   UPCYCLE_TRAIN_ENTRY  what torchrun runs (default "-m megatron_upcycle.train"; tests use a script)
 #
 # Requeue protocol: on SIGUSR1 or SIGTERM the engine saves a checkpoint and
@@ -25,9 +25,17 @@
 # signal this script itself exits 75 ("requeue me") unless the run finished.
 set -uo pipefail
 
-repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# The interpreter: a checkout's .venv, or the virtualenv this package is installed
+# in, found by walking up from this file's real location (it lives inside the
+# package: megatron_upcycle/resources/launch/; the checkout's launch/ is a symlink).
 if [ -z "${PYTHON:-}" ]; then
-    if [ -x "$repo/.venv/bin/python" ]; then PYTHON="$repo/.venv/bin/python"; else PYTHON=python3; fi
+    PYTHON=python3
+    dir="$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")" && pwd)"
+    while [ "$dir" != / ]; do
+        if [ -x "$dir/.venv/bin/python" ]; then PYTHON="$dir/.venv/bin/python"; break; fi
+        if [ -f "$dir/pyvenv.cfg" ] && [ -x "$dir/bin/python" ]; then PYTHON="$dir/bin/python"; break; fi
+        dir="$(dirname "$dir")"
+    done
 fi
 
 NNODES="${NNODES:-${SLURM_JOB_NUM_NODES:-1}}"
