@@ -57,12 +57,57 @@ def count_module_params(gpt, topk: int | None, num_experts: int | None) -> tuple
     return other + expert, other + active_expert, embedding, expert, router
 
 
+# A tensor's size in bytes must fit in int64, even on the meta device.
+MAX_TENSOR_BYTES = 2**63 - 1
+
+
+def check_countable(model: ModelConfig, moe: MoEConfig | None, available_bytes: int | None = None) -> None:
+    """Refuse, before building, a model that cannot be built or counted here.
+
+    The meta-device build allocates no weights, but a weight whose byte size
+    overflows int64 cannot be created even there, and the rotary embedding's
+    inverse frequencies (head_dim / 2 fp32 values) are allocated for real: a
+    head dimension in the billions asks for hundreds of GiB and dies in the
+    allocator.
+    """
+    from megatron_upcycle.errors import ConfigError
+
+    h = model.hidden_size
+    ffn = model.ffn_hidden_size or 4 * h
+    experts = moe.num_experts if moe is not None else 1
+    largest = {  # elements of the largest weights (fp32: 4 bytes each)
+        "embedding (vocab_size x hidden_size)": model.vocab_size * h,
+        "attention projection (hidden_size x 3 hidden_size)": 3 * h * h,
+        "MLP fc1 (hidden_size x 2 ffn_hidden_size, all experts)": 2 * h * ffn * experts,
+    }
+    name, elements = max(largest.items(), key=lambda kv: kv[1])
+    if elements * 4 > MAX_TENSOR_BYTES:
+        raise ConfigError(
+            f"model '{model.name}' cannot be built: its {name} weight would hold {elements:.3g} values, "
+            f"more than one tensor can address; use a smaller hidden_size/vocab_size"
+        )
+    head_dim = h // model.num_attention_heads
+    needed = (head_dim // 2) * 4 * 2  # inverse frequencies, plus a temporary of the same size
+    if available_bytes is None:
+        import psutil
+
+        available_bytes = psutil.virtual_memory().available
+    if needed > available_bytes // 2:
+        raise ConfigError(
+            f"model '{model.name}': counting it needs about {needed / 2**30:,.1f} GiB of memory for the rotary "
+            f"tables of head dim {head_dim:,} (hidden_size / num_attention_heads), more than the "
+            f"{available_bytes / 2**30:,.1f} GiB available allow; use more attention heads or a smaller hidden_size"
+        )
+
+
 def count_params(model: ModelConfig, moe: MoEConfig | None, backend: Backend) -> ParamCounts:
     """Build ``model`` (with ``moe``) on the meta device and count its parameters.
 
     Needs initialised process groups (world size 1 is enough).
     """
     from megatron_upcycle.models import build_gpt_model
+
+    check_countable(model, moe)
 
     gpt = build_gpt_model(model, moe, backend, device="meta")
     topk = moe.topk if moe else None

@@ -71,6 +71,30 @@ def disk_error_from(exc: BaseException) -> DiskError | None:
     return None
 
 
+# OS errors about a path the user named (an input they cannot read, an output
+# folder they cannot write, a path through a file): fixable by the user, so exit 2
+# with one line naming the path rather than a traceback.
+_PATH_ERRNOS = {
+    errno.EACCES: "permission denied; check its permissions or choose another path",
+    errno.EPERM: "operation not permitted; check its permissions or choose another path",
+    errno.ENOENT: "no such file or directory",
+    errno.ENOTDIR: "a part of this path is a file, not a directory; choose another path",
+    errno.EISDIR: "is a directory, where a file is expected",
+    errno.EEXIST: "already exists; choose another path",
+}
+
+
+def path_error_from(exc: BaseException) -> UserError | None:
+    """A UserError naming the path when ``exc`` (or what it was raised from) is such an OSError."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.filename is not None and exc.errno in _PATH_ERRNOS:
+            return UserError(f"{exc.filename}: {_PATH_ERRNOS[exc.errno]}")
+        exc = exc.__cause__  # an explicit `raise ... from`, not an error raised while handling another
+    return None
+
+
 def exit_code_for(exc: BaseException) -> int:
     if isinstance(exc, RequeueRequested):
         return EXIT_REQUEUE
@@ -80,7 +104,7 @@ def exit_code_for(exc: BaseException) -> int:
         return EXIT_BUSY
     if isinstance(exc, DiskError) or disk_error_from(exc) is not None:
         return EXIT_DISK
-    if isinstance(exc, UserError):
+    if isinstance(exc, UserError) or path_error_from(exc) is not None:
         return EXIT_USER_ERROR
     if isinstance(exc, KeyboardInterrupt):
         return EXIT_INTERRUPTED
@@ -116,7 +140,7 @@ def report(prog: str, exc: BaseException, log_dir: Path | None = None) -> int:
         print(f"{prog}: internal error: {line[:300]} (traceback in {path})", file=sys.stderr)
     else:
         if not isinstance(exc, UserError):
-            exc = disk_error_from(exc) or exc
+            exc = disk_error_from(exc) or path_error_from(exc) or exc
         message = " ".join(str(exc).split("\n")) if str(exc) else type(exc).__name__
         print(f"{prog}: error: {message}", file=sys.stderr)
     return code

@@ -8,11 +8,25 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 
 from megatron_upcycle import __version__
-from megatron_upcycle.errors import UserError
-from megatron_upcycle.exit_codes import EXIT_USER_ERROR, RequeueRequested, report
+from megatron_upcycle.exit_codes import run_entry
+
+# argparse takes a value only if it looks like a negative number ('-5', '-.5');
+# '-1e9' it reads as an unknown option and answers "expected one argument" with
+# a usage block. Accepting exponent notation lets such a value reach the
+# command's own range check ("--n1 must be > 0, got -1e9"). No option of this
+# CLI is spelled like a number, so nothing is shadowed.
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = _NEGATIVE_NUMBER  # sub-parsers are made of this class too
+
 
 # Module names under megatron_upcycle.cli, in --help order.
 SUBCOMMAND_MODULES = [
@@ -28,7 +42,7 @@ SUBCOMMAND_MODULES = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="upcycle",
         description="Sparse-upcycling research on Megatron-Core. Units: D in tokens, N in parameters.",
     )
@@ -49,17 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return int(args.run(args) or 0)
-    except UserError as exc:
-        print(f"upcycle: error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except RequeueRequested as exc:  # `upcycle convert` stopped by a signal, partial output removed
-        return report("upcycle", exc)
-    except KeyboardInterrupt:
-        print("upcycle: interrupted", file=sys.stderr)
-        return 130
+    args = parser.parse_args(argv)  # usage errors: argparse's own message and exit 2
+    # One mapping for every subcommand: UserError -> one line, exit 2; Ctrl-C -> 130;
+    # anything else -> one line naming the log file that holds the traceback, exit 1.
+    return run_entry("upcycle", lambda: args.run(args))
 
 
 def console_main() -> None:

@@ -53,7 +53,18 @@ def add_parser(subparsers) -> None:
     p.set_defaults(run=run)
 
 
+def check_args(args) -> None:
+    """The command-line values, before any checkpoint is read (the converter checks the rest)."""
+    from megatron_upcycle.cli.args import check_at_least, check_output_dir
+
+    check_output_dir(args.out, "--out")  # an existing --out is the converter's own check and message
+    check_at_least("--verify-batch-size", args.verify_batch_size, 1)
+    check_at_least("--verify-seq-length", args.verify_seq_length, 1)
+    check_at_least("--tolerance", args.tolerance, 0)
+
+
 def run(args) -> int:
+    check_args(args)
     hide_gpus_in_fresh_process()
     from megatron_upcycle.cli.model import parse_moe_layers
     from megatron_upcycle.config import MoEConfig, load_model_config

@@ -2,6 +2,28 @@
 from __future__ import annotations
 
 DTYPES = ("float32", "bfloat16", "float16")
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MiB', '2e9' -> bytes; a UserError naming the value otherwise.
+
+    Checked here, before the checkpoint is loaded: transformers would only
+    reject a bad size after the whole model had been built.
+    """
+    import re
+
+    from megatron_upcycle.errors import UserError
+
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).upper() if match else None
+    if match is None or unit not in SIZE_UNITS:
+        raise UserError(f"--max-shard-size '{text}' is not a size; give a number with a unit, e.g. 5GB, 500MB or 2GiB")
+    size = int(float(match.group(1)) * SIZE_UNITS[unit])
+    if size < 1:
+        raise UserError(f"--max-shard-size must be at least 1 byte, got '{text}'")
+    return size
 
 
 def add_parser(subparsers) -> None:
@@ -48,6 +70,7 @@ def run(args) -> int:
     import torch
 
     from megatron_upcycle.checkpoint import load_full_model_state, read_meta
+    from megatron_upcycle.cli.args import check_output_dir
     from megatron_upcycle.errors import UserError
     from megatron_upcycle.export import check_exportable, export_hf
     from megatron_upcycle.export.write import resolve_tokenizer_json
@@ -56,6 +79,8 @@ def run(args) -> int:
     out = Path(args.out)
     if out.exists():
         raise UserError(f"{out} already exists; choose a new output directory")
+    check_output_dir(args.out, "OUT", must_not_exist=True)  # its parent must be a directory
+    max_shard_size = parse_size(args.max_shard_size)
     # Refuse what cannot be exported before loading a possibly large checkpoint.
     recorded = read_meta(args.checkpoint)
     check_exportable(recorded.model, recorded.moe)
@@ -67,7 +92,7 @@ def run(args) -> int:
     finally:
         destroy_distributed()
     export_hf(state, model, moe, out, tokenizer_json=tokenizer, dtype=getattr(torch, args.dtype),
-              max_shard_size=args.max_shard_size)
+              max_shard_size=max_shard_size)
     kind = "MixtralForCausalLM" if moe is not None else "LlamaForCausalLM"
     print(f"wrote {kind} to {out}" + ("" if tokenizer else " (no tokenizer)"))
     return 0

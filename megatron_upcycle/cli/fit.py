@@ -63,7 +63,10 @@ def _number(name: str, text: str | None, integer: bool = False, minimum: float =
 
 
 def run_fit(args) -> int:
+    from megatron_upcycle.cli.args import check_output_dir
     from megatron_upcycle.scaling import AnalysisOptions, FitOptions, analyze
+
+    check_output_dir(args.out, "--out")  # before fitting, which can take minutes
 
     forms = tuple(f.strip() for f in args.forms.split(",") if f.strip()) if args.forms else None
     options = AnalysisOptions(

@@ -30,6 +30,12 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
+    from megatron_upcycle.cli.args import check_at_least
+
+    # Checked before either checkpoint is loaded.
+    check_at_least("--batch-size", args.batch_size, 1)
+    check_at_least("--seq-length", args.seq_length, 1)
+    check_at_least("--tolerance", args.tolerance, 0)
     hide_gpus_in_fresh_process()
     from megatron_upcycle.config import load_model_config
     from megatron_upcycle.verify import verify_checkpoints

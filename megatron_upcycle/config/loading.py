@@ -28,8 +28,18 @@ def read_yaml(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
+    raw = path.read_bytes()
+    # A binary file or another encoding would otherwise escape as a UnicodeDecodeError
+    # traceback (or, with NUL bytes, as a confusing YAML "special characters" error).
+    if b"\0" in raw:
+        raise ConfigError(f"{path}: not a text file (it holds NUL bytes); give a YAML config")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+                          "save it as UTF-8") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
@@ -198,7 +208,14 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key.path=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else None
+        if not key or any(part == "" for part in key.split(".")):
+            raise ConfigError(f"override '{item}': '{key}' is not a key path such as optim.lr")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or "cannot be parsed"
+            raise ConfigError(f"override '{item}': the value is not valid YAML ({problem}); "
+                              "give a value such as 3e-4, [1, 2] or a quoted string") from None
         node = data
         parts = key.split(".")
         for part in parts[:-1]:

@@ -61,12 +61,17 @@ class ModelConfig:
                 f"model '{self.name}': head dim {self.hidden_size // self.num_attention_heads} must be "
                 "even for RoPE"
             )
+        if self.num_query_groups is not None and self.num_query_groups < 1:
+            raise ConfigError(
+                f"model '{self.name}': num_query_groups must be >= 1 (or unset for multi-head attention), "
+                f"got {self.num_query_groups}"
+            )
         if self.num_query_groups is not None and self.num_attention_heads % self.num_query_groups:
             raise ConfigError(
                 f"model '{self.name}': num_query_groups={self.num_query_groups} does not divide "
                 f"num_attention_heads={self.num_attention_heads}"
             )
-        if self.init_method_std <= 0:
+        if not self.init_method_std > 0:  # written so that nan fails too
             raise ConfigError(f"model '{self.name}': init_method_std must be > 0, got {self.init_method_std}")
 
 
@@ -114,7 +119,7 @@ class MoEConfig:
             raise ConfigError(
                 "moe: topk=1 needs router_pre_softmax: true (a softmax over one selected logit has no gradient)"
             )
-        if self.aux_loss_coeff < 0:
+        if not self.aux_loss_coeff >= 0:  # written so that nan fails too
             raise ConfigError(f"moe: aux_loss_coeff must be >= 0, got {self.aux_loss_coeff}")
 
     def layer_pattern(self, num_layers: int) -> list[int]:

@@ -31,6 +31,10 @@ STDLIB_SKIP_PARTS = frozenset({"test", "tests", "idle_test", "site-packages", "d
 class Source:
     path: Path
     key: str  # path relative to the corpus root, '/'-separated
+    # User inputs must be UTF-8 text: a binary or mis-encoded file is refused by
+    # name instead of being tokenized as replacement characters. The embedded
+    # stdlib corpus is read leniently (a foreign Python's stdlib must not stop a demo).
+    strict: bool = True
 
     @property
     def is_jsonl(self) -> bool:
@@ -90,7 +94,7 @@ def stdlib_sources(max_bytes: int | None = None) -> list[Source]:
         for name in names:
             path = Path(directory) / name
             if name.endswith(".py") and path.is_file():
-                files.append(Source(path=path, key=path.relative_to(root).as_posix()))
+                files.append(Source(path=path, key=path.relative_to(root).as_posix(), strict=False))
     files.sort(key=lambda s: s.key)
     if max_bytes is not None:
         chosen, total = [], 0
@@ -127,24 +131,39 @@ def iter_documents(sources: list[Source], text_key: str = "text") -> Iterator[Do
         if source.is_jsonl:
             yield from _jsonl_documents(source, text_key)
         else:
-            text = _read_text(source.path)
+            text = _read_text(source.path, source.strict)
             if text.strip():
                 yield Document(key=source.key, text=text)
 
 
-def _read_text(path: Path) -> str:
+def _read_text(path: Path, strict: bool = True) -> str:
     try:
-        return path.read_text(encoding="utf-8", errors="replace")
+        data = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    return _decode(data, str(path)) if strict else data.decode("utf-8", errors="replace")
+
+
+def _decode(data: bytes, where: str) -> str:
+    """UTF-8 text, or a ConfigError naming ``where`` (a binary file or another encoding)."""
+    if b"\0" in data:
+        raise ConfigError(f"{where}: not a text file (it holds NUL bytes); give text or JSONL files only")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{where}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+            "convert it to UTF-8 (e.g. iconv -t utf-8) or leave it out"
+        ) from None
 
 
 def _jsonl_documents(source: Source, text_key: str) -> Iterator[Document]:
-    with open(source.path, encoding="utf-8", errors="replace") as handle:
-        for number, line in enumerate(handle, start=1):
+    with open(source.path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            where = f"{source.path}:{number}"
+            line = _decode(raw, where) if source.strict else raw.decode("utf-8", errors="replace")
             if not line.strip():
                 continue
-            where = f"{source.path}:{number}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:

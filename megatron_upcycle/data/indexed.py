@@ -6,6 +6,7 @@ Megatron-LM's preprocess_data.py writes them with --append-eod.
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,17 +99,37 @@ def check_prefix(prefix: str | os.PathLike, what: str = "data prefix") -> str:
 
 
 def read_counts(prefix: str | os.PathLike) -> IndexedCounts:
-    """Documents and tokens in an existing indexed dataset (reads only the .idx)."""
-    prefix = check_prefix(prefix)
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    """Documents and tokens in an existing indexed dataset.
 
+    Reads only the .idx, then checks that the .bin holds exactly the bytes the
+    index points into: a truncated .bin otherwise passes here and fails deep in
+    training ("offset must be non-negative and no greater than buffer length").
+    Every run that names prefixes opens them through this (resolve_data).
+    """
+    prefix = check_prefix(prefix)
+    from megatron.core.datasets.indexed_dataset import _IndexReader
+
+    for suffix in (".idx", ".bin"):
+        open(prefix + suffix, "rb").close()  # unreadable: a PermissionError naming the file (exit 2)
     try:
-        dataset = IndexedDataset(prefix, multimodal=False, mmap=True)
-    except (AssertionError, ValueError, OSError) as exc:
+        # The index reader alone, not IndexedDataset: that also maps the .bin, which is what is checked
+        # below, and it prints an "Exception ignored" traceback when its constructor fails.
+        index = _IndexReader(prefix + ".idx", multimodal=False)
+    except (AssertionError, ValueError, OSError, struct.error) as exc:
         raise ConfigError(f"'{prefix}.idx' is not a Megatron index file ({exc or type(exc).__name__})") from None
-    lengths = dataset.sequence_lengths
+    lengths = index.sequence_lengths
+    expected = 0
+    if len(lengths):
+        expected = int(index.sequence_pointers[-1]) + int(lengths[-1]) * index.dtype_size
+    actual = os.path.getsize(prefix + ".bin")
+    if actual != expected:
+        state = "truncated" if actual < expected else "longer than its index says"
+        raise ConfigError(
+            f"'{prefix}.bin' is {state}: {actual:,} bytes, its .idx describes {expected:,}; "
+            "prepare the data again (upcycle data prepare)"
+        )
     return IndexedCounts(
-        documents=int(len(dataset.document_indices) - 1),
+        documents=int(len(index.document_indices) - 1),
         tokens=int(lengths.sum(dtype="int64")),
-        dtype=dataset.index.dtype.__name__,
+        dtype=index.dtype.__name__,
     )

@@ -148,45 +148,57 @@ def prepare_sources(
     fingerprint = corpus_mod.fingerprint(sources, settings)
 
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"output {out_dir} is an existing file, not a directory; choose another --out")
+    created = _first_missing(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(out_dir / ".prepare.lock")):
-        existing = read_manifest(out_dir)
-        if existing is not None and existing.get("fingerprint") == fingerprint and _files_present(out_dir, existing):
-            return Prepared(out_dir, existing, reused=True)
-        if existing is not None and not overwrite:
-            raise ConfigError(
-                f"{out_dir} already holds data prepared from other inputs or settings; "
-                "choose another --out or pass --overwrite"
-            )
-        # Read every document once before touching the directory: bad JSONL or an
-        # empty corpus fails here and leaves an earlier finished prepare intact.
-        keys = [doc.key for doc in corpus_mod.iter_documents(sources, text_key)]
-        if not keys:
-            names = ", ".join(s.key for s in sources[:3]) + (", ..." if len(sources) > 3 else "")
-            raise ConfigError(f"empty corpus: the inputs ({names}) hold no text")
-        valid_keys = _valid_keys(keys, valid_fraction)
-        if valid_fraction > 0 and not valid_keys:
-            raise ConfigError(
-                "cannot hold out validation documents from a single document; give several files or a JSONL "
-                "with one document per line, or a validation fraction of 0"
-            )
-        (out_dir / MANIFEST).unlink(missing_ok=True)  # from here on the directory is unfinished
-        for stale in out_dir.glob(".staging-*"):
-            shutil.rmtree(stale, ignore_errors=True)  # left by a killed prepare (we hold the lock)
-        staging = out_dir / f".staging-{os.getpid()}"
-        staging.mkdir()
-        try:
-            manifest = _prepare_into(staging, sources, keys, valid_keys, given, eod_id, tokenizer, vocab_size, text_key)
-            manifest.update(fingerprint=fingerprint, settings=settings)
-            for name in _output_files(manifest):
-                os.replace(staging / name, out_dir / name)
-            for split in SPLITS:  # a valid split from an earlier prepare must not linger
-                if split not in manifest["splits"]:
-                    for suffix in (".bin", ".idx"):
-                        (out_dir / f"{split}{suffix}").unlink(missing_ok=True)
-            write_json_atomic(out_dir / MANIFEST, manifest)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+    try:
+        with FileLock(str(out_dir / ".prepare.lock")):
+            existing = read_manifest(out_dir)
+            same = existing is not None and existing.get("fingerprint") == fingerprint
+            if same and _files_present(out_dir, existing):
+                return Prepared(out_dir, existing, reused=True)
+            if existing is not None and not overwrite:
+                raise ConfigError(
+                    f"{out_dir} already holds data prepared from other inputs or settings; "
+                    "choose another --out or pass --overwrite"
+                )
+            # Read every document once before touching the directory: bad JSONL or an
+            # empty corpus fails here and leaves an earlier finished prepare intact.
+            keys = [doc.key for doc in corpus_mod.iter_documents(sources, text_key)]
+            if not keys:
+                names = ", ".join(s.key for s in sources[:3]) + (", ..." if len(sources) > 3 else "")
+                raise ConfigError(f"empty corpus: the inputs ({names}) hold no text")
+            valid_keys = _valid_keys(keys, valid_fraction)
+            if valid_fraction > 0 and not valid_keys:
+                raise ConfigError(
+                    "cannot hold out validation documents from a single document; give several files or a JSONL "
+                    "with one document per line, or a validation fraction of 0"
+                )
+            (out_dir / MANIFEST).unlink(missing_ok=True)  # from here on the directory is unfinished
+            for stale in out_dir.glob(".staging-*"):
+                shutil.rmtree(stale, ignore_errors=True)  # left by a killed prepare (we hold the lock)
+            staging = out_dir / f".staging-{os.getpid()}"
+            staging.mkdir()
+            try:
+                manifest = _prepare_into(staging, sources, keys, valid_keys, given, eod_id, tokenizer, vocab_size,
+                                         text_key)
+                manifest.update(fingerprint=fingerprint, settings=settings)
+                for name in _output_files(manifest):
+                    os.replace(staging / name, out_dir / name)
+                for split in SPLITS:  # a valid split from an earlier prepare must not linger
+                    if split not in manifest["splits"]:
+                        for suffix in (".bin", ".idx"):
+                            (out_dir / f"{split}{suffix}").unlink(missing_ok=True)
+                write_json_atomic(out_dir / MANIFEST, manifest)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        # Bad input (or Ctrl-C) before anything was prepared: a directory this call
+        # created must not stay behind at the output name.
+        if created is not None:
+            _remove_created(out_dir, created)
+        raise
     return Prepared(out_dir, manifest, reused=False)
 
 
@@ -280,6 +292,28 @@ def _output_files(manifest: dict) -> list[str]:
     for entry in manifest["splits"].values():
         names += [entry["prefix"] + ".bin", entry["prefix"] + ".idx"]
     return names
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The top-most folder of ``path`` that does not exist yet (what mkdir(parents=True) creates)."""
+    missing = None
+    for folder in [path, *path.parents]:
+        if folder.exists():
+            break
+        missing = folder
+    return missing
+
+
+def _remove_created(out_dir: Path, created: Path) -> None:
+    """Remove ``out_dir`` up to ``created`` if it holds only the lock file (else another prepare uses it)."""
+    (out_dir / ".prepare.lock").unlink(missing_ok=True)
+    for folder in [out_dir, *out_dir.parents]:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+        if folder == created:
+            return
 
 
 def _files_present(out_dir: Path, manifest: dict) -> bool:

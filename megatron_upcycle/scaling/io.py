@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import math
 import os
@@ -60,14 +61,24 @@ def read_results(path: str | os.PathLike) -> ResultsTable:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"results table not found: {path}")
-    with path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
+    text = _read_text(path, "results table")
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
         header = [h.strip() for h in (reader.fieldnames or [])]
         missing = [c for c in COLUMNS if c not in header]
         if missing:
             raise UserError(f"{path}: missing column(s) {', '.join(missing)}; "
                             f"a results table needs {', '.join(COLUMNS)}")
-        raw_rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+        raw_rows = []
+        for row in reader:
+            # DictReader puts the cells past the header under the key None (a list):
+            # a ragged row is a mistake in the table, not something to strip.
+            if None in row:
+                raise UserError(f"{path.name} line {reader.line_num}: {len(header) + len(row[None])} cells, "
+                                f"the header has {len(header)}; remove the extra cells (or quote cells with commas)")
+            raw_rows.append({(k or "").strip(): (v or "").strip() for k, v in row.items()})
+    except csv.Error as exc:
+        raise UserError(f"{path} line {reader.line_num}: not a valid CSV table ({exc})") from None
     if not raw_rows:
         raise UserError(f"{path}: no runs (only a header)")
 
@@ -105,6 +116,18 @@ def read_results(path: str | os.PathLike) -> ResultsTable:
         kinds.append(kind)
         models.append(row["model"])
     return ResultsTable(path=str(path), run_id=tuple(run_ids), kind=tuple(kinds), model=tuple(models), values=values)
+
+
+def _read_text(path: Path, what: str) -> str:
+    """The UTF-8 text of ``path``; a binary or mis-encoded file is a one-line UserError."""
+    raw = path.read_bytes()
+    if b"\0" in raw:
+        raise UserError(f"{path}: not a text file (it holds NUL bytes); give the {what} `upcycle` wrote")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+                        f"give the {what} `upcycle` wrote") from None
 
 
 # ---- JSON ---------------------------------------------------------------------
@@ -188,10 +211,18 @@ def read_fits_json(path: str | os.PathLike):
     if not path.is_file():
         raise UserError(f"fits file not found: {path} (run `upcycle fit RESULTS.csv --out DIR` first)")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(_read_text(path, "fits.json"))
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
-    if data.get("schema") != FITS_SCHEMA:
-        raise UserError(f"{path}: not a fits.json written by `upcycle fit` (schema {data.get('schema')!r})")
+    if not isinstance(data, dict) or data.get("schema") != FITS_SCHEMA:
+        schema = data.get("schema") if isinstance(data, dict) else None
+        raise UserError(f"{path}: not a fits.json written by `upcycle fit` (schema {schema!r})")
     data.pop("units_text", None)
-    return from_jsonable(AnalysisResult, data)
+    try:
+        return from_jsonable(AnalysisResult, data)
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        # Right schema tag, wrong contents (hand-edited or truncated by a tool): say so
+        # rather than show a constructor's traceback.
+        detail = " ".join(str(exc).split())[:200]
+        raise UserError(f"{path}: a fits.json whose records are malformed ({detail}); "
+                        "write it again with `upcycle fit`") from None
