@@ -12,6 +12,7 @@ import argparse
 import csv
 import sys
 import time
+from pathlib import Path
 
 from megatron_upcycle.resources import experiment_preset
 
@@ -28,10 +29,8 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+def run_demo(args) -> int:
     from megatron_upcycle.cli.sweep import local_executor
-    from megatron_upcycle.errors import UserError
     from megatron_upcycle.report import write_report
     from megatron_upcycle.sweep.collect import write_results_csv
     from megatron_upcycle.sweep.experiment import load_experiment
@@ -39,27 +38,30 @@ def main(argv=None) -> int:
     from megatron_upcycle.sweep.plan import build_plan, format_plan
 
     start = time.perf_counter()
-    try:
-        experiment = load_experiment(args.experiment)
-        plan = build_plan(experiment, args.root)
-        print(format_plan(plan), flush=True)
-        write_run_dirs(plan)
-        report = local_executor(args.max_parallel).run(to_dag(plan, cpu_only=True))
-        if not report.ok:
-            for run_id, failure in report.failed.items():
-                print(f"demo: run {run_id} failed: {failure.describe()}", file=sys.stderr)
-            if report.interrupted:
-                print("demo: interrupted; run `make demo` again to continue where it stopped", file=sys.stderr)
-            return 1
-        results, rows = write_results_csv(plan.root)
-        print(f"collected {rows} results into {results}", flush=True)
-        path = write_report(plan, results, plan.root / "report", wall_seconds=time.perf_counter() - start)
-    except UserError as exc:
-        print(f"demo: error: {exc}", file=sys.stderr)
-        return 2
+    experiment = load_experiment(args.experiment)
+    plan = build_plan(experiment, args.root)
+    print(format_plan(plan), flush=True)
+    write_run_dirs(plan)
+    report = local_executor(args.max_parallel).run(to_dag(plan, cpu_only=True))
+    if not report.ok:
+        for run_id, failure in report.failed.items():
+            print(f"demo: run {run_id} failed: {failure.describe()}", file=sys.stderr)
+        if report.interrupted:
+            print("demo: interrupted; run `make demo` again to continue where it stopped", file=sys.stderr)
+        return 1
+    results, rows = write_results_csv(plan.root)
+    print(f"collected {rows} results into {results}", flush=True)
+    path = write_report(plan, results, plan.root / "report", wall_seconds=time.perf_counter() - start)
     print(f"report: {path}")
     print(f"demo_wall_minutes: {(time.perf_counter() - start) / 60:.1f}")
     return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from megatron_upcycle.exit_codes import run_entry
+
+    return run_entry("demo", lambda: run_demo(args), log_dir=Path(args.root) / "logs")
 
 
 if __name__ == "__main__":
