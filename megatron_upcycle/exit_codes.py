@@ -13,7 +13,8 @@ one line naming the log file its traceback went to, never the traceback itself.
 | 3    | non-finite loss: stopped, the last good checkpoint is kept       | the user (lower the LR)   |
 | 73   | the run directory is in use by another live process (its lock)   | executors: "running"      |
 | 74   | the disk is full or read-only; the previous checkpoint is intact | the user (free space)     |
-| 75   | saved a checkpoint after SIGTERM/SIGUSR1: run me again           | executors: requeue        |
+| 75   | stopped by SIGTERM/SIGUSR1, work saved (a training checkpoint) or | executors: requeue        |
+|      | partial output removed (a conversion): run me again              |                           |
 | 130  | interrupted (Ctrl-C) outside a run                               |                           |
 """
 from __future__ import annotations

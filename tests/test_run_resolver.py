@@ -177,3 +177,17 @@ def test_disk_full_is_its_own_exit_code(capsys):
 
     assert run_entry("train", full) == EXIT_DISK
     assert capsys.readouterr().err == "train: error: /scratch/run/checkpoints: no space left on device\n"
+
+
+@pytest.mark.parametrize("schedule, needle", [
+    ({"mode": "full", "train_tokens": 100000, "save_budgets": [50000]}, "only used with schedule.mode stable"),
+    ({"mode": "stable", "train_tokens": 1000, "save_budgets": [50000]}, "is not used with schedule.mode stable"),
+    ({"train_tokens": 100000, "log_interval_iters": 0}, "log_interval_iters must be >= 1"),
+])
+def test_contradictory_schedules_are_refused(schedule, needle):
+    from megatron_upcycle.config.loading import from_dict
+    from megatron_upcycle.config.run import RunConfig
+    from megatron_upcycle.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=needle):
+        from_dict(RunConfig, {"kind": "dense", "model": "cpu-tiny", "schedule": schedule})

@@ -107,6 +107,17 @@ class RunConfig:
             raise ConfigError("kind 'moe' needs a moe: section (num_experts, topk, ...)")
         if self.kind in ("dense", "cpt") and self.moe is not None:
             raise ConfigError(f"kind '{self.kind}' is dense: remove the moe: section")
+        schedule = self.schedule
+        if schedule.mode == "full" and (schedule.save_budgets or schedule.save_budget_range):
+            raise ConfigError(
+                f"schedule.save_budgets/save_budget_range {schedule.budgets()} are only used with schedule.mode "
+                "stable; a full run saves no budget checkpoints: set mode: stable or remove them"
+            )
+        if schedule.mode == "stable" and schedule.train_tokens:
+            raise ConfigError(
+                f"schedule.train_tokens={schedule.train_tokens:,} is not used with schedule.mode stable (it stops at "
+                f"the decay start of its largest budget, {max(schedule.budgets() or [0]):,} tokens): remove it"
+            )
         if self.kind != "branch":
             if self.schedule.mode == "full" and not self.schedule.train_tokens:
                 raise ConfigError("schedule.train_tokens is required for schedule.mode full")
