@@ -263,7 +263,7 @@ class Trainer:
 
     def _state_is_finite(self) -> bool:
         """Parameters and optimizer state all finite, on every rank (a collective)."""
-        tensors = [p for p in self.model.parameters()]
+        tensors = list(self.model.parameters())
         optimizers = [self.optimizer]
         while optimizers:
             opt = optimizers.pop()
