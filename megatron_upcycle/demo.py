@@ -46,6 +46,9 @@ def run_demo(args) -> int:
     if not report.ok:
         for run_id, failure in report.failed.items():
             print(f"demo: run {run_id} failed: {failure.describe()}", file=sys.stderr)
+        for run_id, holder in report.elsewhere.items():
+            print(f"demo: run {run_id} is running in another process ({holder}); run `make demo` again when "
+                  "it has finished", file=sys.stderr)
         if report.interrupted:
             print("demo: interrupted; run `make demo` again to continue where it stopped", file=sys.stderr)
         return 1

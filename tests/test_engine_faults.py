@@ -117,3 +117,87 @@ def test_sigterm_to_the_whole_process_group_still_saves(tmp_path):
     last = _manifest(run_dir)[-1]
     assert last["reason"] in ("signal", "safety") and last["iteration"] > 6
     assert "BrokenPipe" not in err and "Traceback" not in err
+
+
+@pytest.fixture
+def lock_holder(tmp_path):
+    """A live process holding a run directory's lock, as a second trainer in it would."""
+    import sys
+
+    run_dir = tmp_path / "runs" / "held"
+    run_dir.mkdir(parents=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from megatron_upcycle.rundir import RunDir\n"
+         "with RunDir(sys.argv[1]).lock():\n    print('held', flush=True); time.sleep(120)", str(run_dir)],
+        cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    yield run_dir, proc.pid
+    proc.kill()
+    proc.wait()
+
+
+def _launch(config):
+    return subprocess.run(["bash", str(REPO / "launch" / "train.sh"), "--config", str(config)], cwd=REPO,
+                          capture_output=True, text=True, timeout=180, env=env())
+
+
+def test_launcher_passes_the_engines_exit_code_through_torchrun(tmp_path, lock_holder):
+    bad = write_config(tmp_path / "bad", kind="dense", model=TEST_MODEL, schedule={"train_tokens": 0})
+    proc = _launch(bad)
+    assert proc.returncode == 2, proc.stderr[-2000:]  # torchrun alone would say 1
+    run_dir, pid = lock_holder
+    busy = write_config(run_dir, kind="dense", model=TEST_MODEL, schedule={"train_tokens": 8 * TOKENS_PER_ITER})
+    proc = _launch(busy)
+    assert proc.returncode == 73, proc.stderr[-2000:]
+    assert f"in use by pid {pid} on" in proc.stderr
+    assert not (run_dir / "result.json").exists() and not (run_dir / "checkpoints").exists()
+
+
+def test_executors_report_a_run_held_elsewhere_as_running(tmp_path, lock_holder):
+    from megatron_upcycle.sweep.dag import RunDAG, RunNode
+    from megatron_upcycle.sweep.local import LocalExecutor
+    from megatron_upcycle.sweep.slurm import SlurmExecutor
+    from megatron_upcycle.sweep.status import RunState
+
+    run_dir, pid = lock_holder
+    config = write_config(run_dir, kind="dense", model=TEST_MODEL, schedule={"train_tokens": 8 * TOKENS_PER_ITER})
+    child_dir = tmp_path / "runs" / "child"
+    child = write_config(child_dir, kind="dense", model=TEST_MODEL, schedule={"train_tokens": 8 * TOKENS_PER_ITER})
+    launcher = ["bash", str(REPO / "launch" / "train.sh"), "--config"]
+    dag = RunDAG([RunNode(run_id="held", kind="dense", run_dir=run_dir, command=launcher + [str(config)]),
+                  RunNode(run_id="child", kind="branch", run_dir=child_dir, command=launcher + [str(child)],
+                          depends_on=["held"])])
+    executor = LocalExecutor(max_parallel=1, progress=None, workdir=REPO, env={"OMP_NUM_THREADS": "1"})
+    report = executor.run(dag)
+    assert not report.failed and not report.blocked
+    assert list(report.elsewhere) == ["held"] and f"pid {pid}" in report.elsewhere["held"]
+    assert report.not_started == ["child"] and not report.ok
+    states = {s.run_id: (s.state, s.reason) for s in executor.status(dag)}
+    assert states["held"][0] is RunState.RUNNING and f"pid {pid}" in states["held"][1]
+    slurm = {s.run_id: s.state for s in SlurmExecutor(workdir=REPO, log_dir=tmp_path / "slurm",
+                                                      progress=None).status(dag)}
+    assert slurm == {"held": RunState.RUNNING, "child": RunState.NOT_SUBMITTED}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_read_only_disk_is_one_line_and_keeps_the_checkpoints(tmp_path):
+    from engine_runs import start_and_interrupt
+
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)], check=True)
+    try:
+        run_dir = mount / "run"
+        config = write_config(run_dir, kind="dense", model=TEST_MODEL,
+                              schedule={"train_tokens": 400 * TOKENS_PER_ITER, "safety_interval_iters": 2})
+        proc = start_and_interrupt(config, at_iteration=5, sig=signal.SIGKILL)
+        proc.wait(timeout=60)
+        before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
+        subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+        proc = train(config)
+        assert proc.returncode == 74, proc.stderr[-2000:]
+        lines = [line for line in proc.stderr.splitlines() if line.startswith("train:")]
+        assert len(lines) == 1 and "read-only file system" in lines[0] and "Traceback" not in proc.stderr
+        assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

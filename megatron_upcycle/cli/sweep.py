@@ -1,6 +1,7 @@
 """``upcycle sweep plan|run|status|collect EXPERIMENT.yaml``."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 
@@ -51,6 +52,9 @@ def run_run(args) -> int:
         dag = to_dag(plan, cpu_only=True)
         write_run_dirs(plan)
         report = local_executor(args.max_parallel).run(dag)
+        for run_id, holder in report.elsewhere.items():
+            print(f"upcycle: {run_id} is running in another process ({holder}); re-run the sweep when it has "
+                  "finished", file=sys.stderr)
         return 0 if report.ok else 1
     executor = _slurm_executor(plan)
     dag = to_dag(plan)

@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, TextIO
 
-from megatron_upcycle.exit_codes import EXIT_REQUEUE
+from megatron_upcycle.exit_codes import EXIT_BUSY, EXIT_REQUEUE
 from megatron_upcycle.sweep.dag import RunDAG, RunNode, is_done
 from megatron_upcycle.atomic import write_json_atomic
 from megatron_upcycle.sweep.jsonfile import read_json, tail
@@ -56,11 +56,13 @@ class LocalReport:
     blocked: dict[str, str] = field(default_factory=dict)  # run -> the failed run it needed
     not_started: list[str] = field(default_factory=list)   # left pending by an interrupt
     stopped: list[str] = field(default_factory=list)       # running when interrupted (resume on re-run)
+    # run -> "pid P on HOST": another live process holds its run directory (exit 73)
+    elsewhere: dict[str, str] = field(default_factory=dict)
     interrupted: bool = False
 
     @property
     def ok(self) -> bool:
-        return not self.failed and not self.blocked and not self.interrupted
+        return not self.failed and not self.blocked and not self.interrupted and not self.elsewhere
 
 
 @dataclass
@@ -150,8 +152,11 @@ class LocalExecutor:
         statuses = []
         for node in dag:
             last = read_json(node.log_dir / LOCAL_STATE_FILE) or {}
+            holder = None if is_done(node) else node.dir.holder()
             if is_done(node):
                 state, reason = RunState.DONE, None
+            elif holder is not None:
+                state, reason = RunState.RUNNING, f"in use by {holder}"
             elif last.get("exit_code") == EXIT_REQUEUE:
                 state, reason = RunState.NOT_SUBMITTED, "stopped at a checkpoint: re-run to resume"
             elif "exit_code" in last:
@@ -200,6 +205,17 @@ class LocalExecutor:
                 done.add(run_id)
                 report.done.append(run_id)
                 self._say(report, running, pending, f"finished {run_id}")
+            elif code == EXIT_BUSY:
+                # Not a failure: the run is alive in another process (a sweep started
+                # twice, an executor that died while its runs went on). Its dependents
+                # wait for a later sweep run, when it has finished.
+                report.elsewhere[run_id] = node.dir.holder() or "another process"
+                waiting = [d for d in dag.dependents(run_id) if d in pending]
+                for dependent in waiting:
+                    pending.remove(dependent)
+                report.not_started.extend(waiting)
+                self._say(report, running, pending, f"{run_id} is running in another process "
+                          f"({report.elsewhere[run_id]}): not started here; re-run when it has finished")
             elif code == EXIT_REQUEUE and attempt.number <= self.max_requeues:
                 pending.insert(0, run_id)  # resume it first: it already holds partial work
                 self._say(report, running, pending, f"{run_id} asked to be re-run (exit {code}): resuming")

@@ -164,6 +164,13 @@ class SlurmExecutor:
         log = log_path(node, job_id) if job_id else None
         if done:
             return RunStatus(node.run_id, node.kind, RunState.DONE, job_id, log_path=log)
+        holder = node.dir.holder()
+        if holder is not None and (job_id is None or job_id not in queue):
+            # A live process outside any job of ours holds the run's lock (a local run,
+            # a job of another submission): it is running; submitting it again would be
+            # a second writer.
+            return RunStatus(node.run_id, node.kind, RunState.RUNNING, job_id, None,
+                             f"in use by {holder} outside this sweep's jobs", log)
         if record is None:
             return RunStatus(node.run_id, node.kind, RunState.NOT_SUBMITTED)
         if job_id not in queue:

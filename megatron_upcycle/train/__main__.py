@@ -52,9 +52,28 @@ def main(argv=None) -> int:
 
     log_dir = Path(args.run_dir or Path(args.config).resolve().parent) / "logs"
     try:
-        return run_entry("train", lambda: train(args), log_dir=log_dir)
+        code = run_entry("train", lambda: train(args), log_dir=log_dir)
     finally:
         destroy_distributed()
+    report_exit_status(code)
+    return code
+
+
+def report_exit_status(code: int) -> None:
+    """Tell launch/train.sh the real exit code: torchrun reports every failure as 1.
+
+    Every rank of a node ends the same way (requeue, non-finite loss and a busy run
+    directory are agreed collectively), so local rank 0 speaks for the node."""
+    import os
+
+    path = os.environ.get("UPCYCLE_EXIT_STATUS_FILE")
+    if path and os.environ.get("LOCAL_RANK", "0") == "0":
+        from megatron_upcycle.atomic import write_text_atomic
+
+        try:
+            write_text_atomic(path, f"{code}\n")
+        except OSError:
+            pass  # the launcher then falls back to torchrun's code
 
 
 if __name__ == "__main__":

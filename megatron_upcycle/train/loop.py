@@ -6,6 +6,7 @@ checkpoints, metrics); the loop itself is ``Trainer.train``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import shutil
 import time
@@ -362,6 +363,9 @@ class Trainer:
                 # checkpoint, a budget's perhaps, is the one to resume; saving again would replace it.
                 if latest is None or latest.iteration != self.iteration:
                     self.save("signal")
+                elif self.is_main and latest.budget_tokens is None:
+                    # The run stopped here for the signal: say so (a budget record stays a budget's).
+                    Manifest(self.ckpt_root).add(dataclasses.replace(latest, reason="signal"))
                 self._say(f"signal received: saved iteration {self.iteration}, exiting for requeue")
                 raise RequeueRequested()
             log_now = (self.iteration + 1) % schedule.log_interval_iters == 0 or self.iteration + 1 == run.stop_iter

@@ -20,9 +20,9 @@
 # `kill`) only this script gets it and passes SIGTERM on to torchrun, which
 # passes it to the workers and waits for them. torchrun is told to handle
 # SIGUSR1 too (by default it would die of it, and the step would end while the
-# workers are still saving). torchrun reports any
-# signal-driven shutdown as exit 1 whatever the workers returned, so after a
-# signal this script itself exits 75 ("requeue me") unless the run finished.
+# workers are still saving). torchrun reports any failure as exit 1 whatever the
+# workers returned, so the engine writes its real exit code to
+# $UPCYCLE_EXIT_STATUS_FILE and this script exits with it (75 only after a save).
 set -uo pipefail
 
 # The interpreter: a checkout's .venv, or the virtualenv this package is installed
@@ -74,6 +74,12 @@ export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-120}"
 # torchrun's --signals-to-handle, read from the environment (older torchruns ignore it).
 export PET_SIGNALS_TO_HANDLE="${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}"
 
+# torchrun reports any failed worker as exit 1: the engine's local rank 0 writes its
+# real exit code (megatron_upcycle.exit_codes) here, and this script passes it on.
+UPCYCLE_EXIT_STATUS_FILE="$(mktemp "${TMPDIR:-/tmp}/upcycle-exit.XXXXXX")"
+export UPCYCLE_EXIT_STATUS_FILE
+trap 'rm -f "$UPCYCLE_EXIT_STATUS_FILE"' EXIT
+
 echo "train.sh: node ${NODE_RANK}/${NNODES} ${SLURMD_NODENAME:-$(hostname)}: torchrun ${rendezvous[*]} --nproc_per_node=$NPROC_PER_NODE ${entry[*]} $*" >&2
 "$PYTHON" -m torch.distributed.run "${rendezvous[@]}" --nproc_per_node="$NPROC_PER_NODE" "${entry[@]}" "$@" &
 child=$!
@@ -95,8 +101,19 @@ while true; do
 done
 if [ "$rc" -gt 128 ]; then wait "$child" 2>/dev/null; last=$?; [ "$last" -ne 127 ] && rc=$last; fi
 
+engine_rc="$(cat "$UPCYCLE_EXIT_STATUS_FILE" 2>/dev/null)"
+if [[ "$engine_rc" =~ ^[0-9]+$ ]]; then
+    # The engine said how it ended: 75 only after it saved a checkpoint, 73 when another
+    # process holds the run, 1 when a save failed, ...
+    if [ "$engine_rc" -eq 75 ]; then echo "train.sh: checkpoint saved: exiting 75 to be requeued" >&2; fi
+    exit "$engine_rc"
+fi
 if [ -n "$signalled" ] && [ "$rc" -ne 0 ]; then
-    echo "train.sh: stopped by SIG$signalled (torchrun exit $rc): exiting 75 to be requeued" >&2
+    # No word from the engine: it was killed before it could answer (a signal before its
+    # handlers were installed, or torchrun's shutdown timeout). Requeue: the next start
+    # resumes from the last checkpoint it did write.
+    echo "train.sh: stopped by SIG$signalled (torchrun exit $rc) with no exit status from the engine:" \
+         "exiting 75 to be requeued from its last checkpoint" >&2
     exit 75
 fi
 exit "$rc"
