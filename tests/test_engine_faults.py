@@ -1,4 +1,5 @@
 """Faults that used to lose work, each reproduced with a real process, signal or filesystem."""
+import contextlib
 import json
 import os
 import signal
@@ -8,6 +9,17 @@ import time
 import pytest
 
 from engine_runs import REPO, TEST_MODEL, TOKENS_PER_ITER, env, losses, metrics, train, train_cmd, write_config
+
+
+@contextlib.contextmanager
+def _tmpfs(path, size):
+    """A real small filesystem for disk-full and read-only faults (needs root)."""
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def _manifest(run_dir):
@@ -79,10 +91,7 @@ def test_kill_before_the_first_checkpoint_leaves_no_repeated_metrics(tmp_path):
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
 def test_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path):
-    mount = tmp_path / "small"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(mount)], check=True)
-    try:
+    with _tmpfs(tmp_path / "small", "1200k") as mount:
         run_dir = mount / "run"
         config = write_config(run_dir, kind="dense", model=TEST_MODEL,
                               schedule={"train_tokens": 40 * TOKENS_PER_ITER, "safety_interval_iters": 2,
@@ -95,8 +104,6 @@ def test_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path):
         assert records, "at least one checkpoint fitted before the disk filled"
         assert not list((run_dir / "checkpoints").glob(".tmp-*"))
         assert losses(run_dir)
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_sigterm_to_the_whole_process_group_still_saves(tmp_path):
@@ -183,10 +190,7 @@ def test_executors_report_a_run_held_elsewhere_as_running(tmp_path, lock_holder)
 def test_read_only_disk_is_one_line_and_keeps_the_checkpoints(tmp_path):
     from engine_runs import start_and_interrupt
 
-    mount = tmp_path / "ro"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)], check=True)
-    try:
+    with _tmpfs(tmp_path / "ro", "64m") as mount:
         run_dir = mount / "run"
         config = write_config(run_dir, kind="dense", model=TEST_MODEL,
                               schedule={"train_tokens": 400 * TOKENS_PER_ITER, "safety_interval_iters": 2})
@@ -199,5 +203,3 @@ def test_read_only_disk_is_one_line_and_keeps_the_checkpoints(tmp_path):
         lines = [line for line in proc.stderr.splitlines() if line.startswith("train:")]
         assert len(lines) == 1 and "read-only file system" in lines[0] and "Traceback" not in proc.stderr
         assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
