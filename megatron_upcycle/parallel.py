@@ -95,3 +95,18 @@ def single_process_groups(backend: Backend | None = None, seed: int = 0):
         yield
     finally:
         destroy_distributed()
+
+
+def any_rank(value: bool) -> bool:
+    """True on every rank when ``value`` is true on any rank (a collective when world > 1)."""
+    flag = torch.tensor([1 if value else 0], dtype=torch.int32)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        if dist.get_backend() == "nccl":
+            flag = flag.cuda()
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def all_ranks(value: bool) -> bool:
+    """True on every rank when ``value`` is true on every rank (a collective when world > 1)."""
+    return not any_rank(not value)

@@ -10,8 +10,8 @@ Layout of one run's checkpoint root::
 """
 from megatron_upcycle.checkpoint.manifest import CheckpointRecord, Manifest
 from megatron_upcycle.checkpoint.meta import CheckpointMeta, read_meta
+from megatron_upcycle.rundir import checkpoint_name  # the one spelling of iter_*
 from megatron_upcycle.checkpoint.store import (
-    checkpoint_name,
     load_checkpoint,
     load_full_model_state,
     load_model,

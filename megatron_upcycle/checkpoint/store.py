@@ -20,7 +20,6 @@ from megatron_upcycle.checkpoint.manifest import CheckpointRecord, Manifest
 from megatron_upcycle.checkpoint.meta import CheckpointMeta, read_meta
 from megatron_upcycle.errors import CheckpointError
 from megatron_upcycle.exit_codes import DiskError
-from megatron_upcycle.rundir import checkpoint_name  # noqa: F401  (re-exported: the one spelling of iter_*)
 
 
 def _rank() -> int:

@@ -63,10 +63,8 @@ def check_arg(value, what: str) -> str:
 
 
 def check_shell_line(value, what: str) -> str:
-    text = str(value)
-    if "\x00" in text:
-        raise ConfigError(f"{what} contains a NUL character: {text!r}")
-    return text
+    # Setup lines are shell on purpose; like arguments, only a NUL is refused.
+    return check_arg(value, what)
 
 
 def check_sbatch_option(value, what: str) -> str:

@@ -28,7 +28,7 @@ from megatron_upcycle.config.loading import to_dict, write_yaml_atomic
 from megatron_upcycle.config.run import RunConfig
 from megatron_upcycle.errors import UserError
 from megatron_upcycle.exit_codes import NonFiniteLoss, RequeueRequested, RunBusy
-from megatron_upcycle.parallel import init_distributed
+from megatron_upcycle.parallel import all_ranks, any_rank, init_distributed
 from megatron_upcycle.rundir import RunDir
 from megatron_upcycle.schedule import megatron_scheduler, phase_of
 from megatron_upcycle.train.components import (
@@ -116,11 +116,7 @@ class Trainer:
                 self._lock.enter_context(self.run_dir.lock())
             except RunBusy as exc:
                 busy = str(exc)
-        flag = torch.tensor([1 if busy else 0], dtype=torch.int32)
-        if dist.get_world_size() > 1:
-            flag = flag.cuda() if dist.get_backend() == "nccl" else flag
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if int(flag.item()):
+        if any_rank(bool(busy)):
             raise RunBusy(busy or f"run {self.run_dir.path} is in use by another process")
 
     def _restore(self) -> None:
@@ -274,11 +270,7 @@ class Trainer:
             inner = getattr(opt, "optimizer", opt)
             for state in getattr(inner, "state", {}).values():
                 tensors += [v for v in state.values() if torch.is_tensor(v) and v.is_floating_point()]
-        finite = all(bool(torch.isfinite(t).all()) for t in tensors)
-        flag = torch.tensor([1 if finite else 0], dtype=torch.int32, device=self._device())
-        if dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item())
+        return all_ranks(all(bool(torch.isfinite(t).all()) for t in tensors))
 
     def _last_good(self) -> str:
         last = Manifest(self.ckpt_root).latest() if self.ckpt_root.exists() else None

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import signal
 
-import torch
-import torch.distributed as dist
+from megatron_upcycle.parallel import any_rank
 
 
 class RequeueSignal:
@@ -22,9 +21,4 @@ class RequeueSignal:
 
     def agreed(self) -> bool:
         """True on every rank if any rank received a signal (a collective call)."""
-        flag = torch.tensor([1 if self._received is not None else 0], dtype=torch.int32)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            if dist.get_backend() == "nccl":
-                flag = flag.cuda()
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return any_rank(self._received is not None)
