@@ -128,10 +128,6 @@ class Experiment:
         """A model size's layout (``default`` then the model's own entry)."""
         return self.resource_table().for_model(model)
 
-    def job_resources(self, run_id: str, kind: str, model: str) -> Resources:
-        """What one run's job asks for: the model's, then by_kind, then by_run."""
-        return self.resource_table().for_run(run_id, kind, model)
-
 
 def load_experiment(path: str) -> Experiment:
     return from_dict(Experiment, read_yaml(path), where=str(path))
