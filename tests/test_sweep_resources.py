@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -83,7 +84,10 @@ def _upcycle(*args, cwd):
                           text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
-def test_resources_reach_the_rendered_scripts_and_a_bad_glob_is_one_line(tmp_path):
+def test_resources_reach_the_rendered_scripts_and_a_bad_glob_is_one_line(tmp_path, monkeypatch):
+    import tempfile
+
+    from megatron_upcycle import parallel
     from megatron_upcycle.sweep.experiment import load_experiment
     from megatron_upcycle.sweep.materialize import to_dag
     from megatron_upcycle.sweep.plan import build_plan
@@ -95,7 +99,11 @@ def test_resources_reach_the_rendered_scripts_and_a_bad_glob_is_one_line(tmp_pat
         "by_run": {"upcycle-*-stable": {"nodes": 2, "time_minutes": 600}},
     }
     experiment = load_experiment(_experiment(tmp_path, resources))
+    created = []  # planning leaves no process-group rendezvous file behind (a dry run writes nothing)
+    real = tempfile.NamedTemporaryFile
+    monkeypatch.setattr(parallel.tempfile, "NamedTemporaryFile", lambda **kw: created.append(real(**kw)) or created[-1])
     plan = build_plan(experiment, tmp_path / "out")
+    assert created and not any(Path(f.name).exists() for f in created)
     subs = SlurmExecutor(experiment.slurm_options(), workdir=tmp_path, log_dir=tmp_path / "slurm",
                          progress=None).render(to_dag(plan)).submissions
     scripts = {sub.runs[0].run_id.split("-")[0] + "-" + sub.runs[0].run_id.split("-")[-1]: sub.script
