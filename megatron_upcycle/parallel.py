@@ -31,6 +31,9 @@ class ParallelConfig:
             raise ConfigError("parallel.pipeline_parallel > 1 is not supported (the paper used none)")
 
 
+_store_file: str | None = None  # the rendezvous file of a lone process's group, removed with it
+
+
 def init_distributed(backend: Backend, parallel: ParallelConfig, seed: int) -> None:
     """Initialise torch.distributed (torchrun env or a single local process),
     Megatron's model-parallel groups, and the model-parallel RNG tracker."""
@@ -47,8 +50,9 @@ def init_distributed(backend: Backend, parallel: ParallelConfig, seed: int) -> N
         else:
             # A lone process: rendezvous through a private file, so neither a port
             # nor environment variables leak into child processes.
-            store = tempfile.NamedTemporaryFile(prefix="upcycle-pg-", delete=False).name
-            dist.init_process_group(backend.dist_backend, init_method=f"file://{store}", rank=0,
+            global _store_file
+            _store_file = tempfile.NamedTemporaryFile(prefix="upcycle-pg-", delete=False).name
+            dist.init_process_group(backend.dist_backend, init_method=f"file://{_store_file}", rank=0,
                                     world_size=1, timeout=timeout)
     world = dist.get_world_size()
     model_parallel = parallel.tensor_parallel * parallel.pipeline_parallel
@@ -75,6 +79,11 @@ def destroy_distributed() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+    global _store_file
+    if _store_file is not None:  # a lone process's rendezvous file: leave nothing behind
+        with contextlib.suppress(OSError):
+            os.unlink(_store_file)
+        _store_file = None
 
 
 @contextlib.contextmanager

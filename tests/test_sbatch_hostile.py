@@ -179,10 +179,10 @@ def test_cli_bad_name_is_one_line_and_dry_run_checks_before_writing(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1 and "control characters" in proc.stderr
     assert not (tmp_path / "out").exists() and not root.exists()
 
-    # And a good one still renders (and writes its run directories, as before).
+    # And a good one still renders, quoted (and, a dry run, writes nothing: issue 17).
     proc = _upcycle("sweep", "run", str(_experiment(tmp_path)), "--root", str(tmp_path / "o k"),
                     "--executor", "slurm", "--dry-run", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert f"--output='{tmp_path / 'o k' / 'slurm'}/%x-%j.out'" in proc.stdout
-    assert (tmp_path / "o k" / "plan.json").exists()
+    assert not (tmp_path / "o k").exists()
     assert not list(tmp_path.rglob("PWNED"))

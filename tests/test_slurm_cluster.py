@@ -167,7 +167,10 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster, tmp_path):
     assert result["resumed_from_step"] > 0 and result["slurm_job_id"] == job
     out = log_path(node, job, "out").read_text()
     assert "SIGUSR1" in out and f"requeueing job {job}" in out and "(restart 1)" in out
-    assert "exiting 75 to be requeued" in log_path(node, job, "err").read_text()
+    err = log_path(node, job, "err").read_text()
+    assert "exiting 75 to be requeued" in err
+    # torchrun passed the signal on and said so in one line, not with its SignalException traceback.
+    assert "SIGUSR1: passed to the workers" in err and "Traceback" not in err and "SignalException" not in err
 
 
 def test_two_node_torchrun_over_gloo(cluster, tmp_path):
@@ -298,4 +301,69 @@ def test_conversion_stopped_by_usr1_requeues_and_converts_in_paths_with_spaces(c
     out, err = log_path(node, job, "out").read_text(), log_path(node, job, "err").read_text()
     assert "SIGUSR1" in out and f"requeueing job {job}" in out and "(restart 1)" in out
     assert "stopped by SIGUSR1: partial output removed" in err and "Traceback" not in err
-    assert list((root / "slurm logs").glob("upcycle-convert-*.out"))  # sbatch read the quoted --output
+    assert list((root / "slurm logs").glob("uC-*.out"))  # sbatch read the quoted --output
+
+
+def _tree(root: Path) -> list:
+    return sorted((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in [root, *root.rglob("*")])
+
+
+def test_dry_run_prints_what_the_real_submission_submits_and_writes_nothing(cluster, tmp_path):
+    # A study through the CLI: dense stable -> branch -> conversion -> upcycled stable ->
+    # a two-task branch array. --hold keeps every job queued: nothing needs to run.
+    import yaml
+    from engine_runs import TEST_MODEL
+    from megatron_upcycle.sweep.slurm import SUBMISSION_MARK, substitute_ids
+
+    work = tmp_path / "work"
+    work.mkdir()
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(yaml.safe_dump({
+        "name": "dry", "dense_models": [TEST_MODEL], "moe": [{"experts": 4, "topk": 2}],
+        "d1": {"tokens": [6144]}, "d2": {"tokens": [4096, 8192]}, "data": {"embedded_vocab_size": 512},
+        "baselines": {"moe_scratch": False, "cpt": False}, "output_root": str(tmp_path / "out"),
+        "resources": {"default": {"gpus_per_node": 0, "time_minutes": 10}},
+        "slurm": {"extra_sbatch": ["--hold"]},
+    }))
+
+    def upcycle(*args):
+        proc = subprocess.run([sys.executable, "-m", "megatron_upcycle.cli", "sweep", *args, str(exp),
+                               "--executor", "slurm"], cwd=work, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    before = _tree(tmp_path)
+    dry = upcycle("run", "--dry-run")
+    assert _tree(tmp_path) == before  # no run directory, plan.json, script or log
+    parts = dry.split("\n" + SUBMISSION_MARK)[1:]
+    runs = [part.split("runs: ", 1)[1].split("\n", 1)[0].split(", ") for part in parts]
+    scripts = [part.split("\n", 1)[1] for part in parts]
+    assert [len(r) for r in runs] == [1, 1, 1, 1, 2] and "#SBATCH --array=0-1" in scripts[4]
+    assert "#SBATCH --dependency=afterok:{job4}\n#SBATCH --kill-on-invalid-dep=yes" in scripts[4]
+
+    upcycle("run")
+    root = tmp_path / "out" / "runs"
+    records = [[read_record(RunNode(r, "dense", root / r, ["true"])) for r in group] for group in runs]
+    bases = [group[0].base_id for group in records]
+    try:
+        # Submitted in the printed order (job ids increase), and each written script is
+        # the printed one with the real ids in place of the placeholders.
+        assert bases == sorted(bases, key=int) and len(set(bases)) == 5
+        ids = {f"{{job{i}}}": base for i, base in enumerate(bases, start=1)}
+        for group, script in zip(records, scripts):
+            assert Path(group[0].script).read_text() == substitute_ids(script, ids)
+            assert all(record.script == group[0].script for record in group)
+        names = [group[0].job_name for group in records]
+        assert [n[:3] for n in names] == ["dS-", "dB-", "uC-", "uS-", "uB-"]
+        shown = cluster.run(["squeue", "-h", "-o", "%i %j"]).stdout  # squeue's own names
+        assert all(name in shown for name in names)
+        # Status shows each run's job id and name (what squeue shows) next to it.
+        table = {line.split()[0]: line.split() for line in upcycle("status").splitlines()[1:-1]}
+        for group_runs, group in zip(runs, records):
+            for run_id, record in zip(group_runs, group):
+                assert table[run_id][1:3] == [record.job_id, record.job_name]
+        # Everything is queued: a dry run now has nothing to submit.
+        assert "the 0 sbatch submissions" in upcycle("run", "--dry-run")
+    finally:
+        cluster.run(["scancel", *bases], check=False)

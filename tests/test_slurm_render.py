@@ -42,7 +42,7 @@ def test_single_run_and_convert_template():
                       time_minutes=30)
     script = render_sbatch(SlurmOptions(requeue=False, signal_seconds=60), [convert],
                            workdir="/repo", log_dir="/logs")
-    assert "#SBATCH --job-name=upcycle-convert_15M_e8" in script
+    assert "#SBATCH --job-name=uC-" in script
     assert "#SBATCH --output=/logs/%x-%j.out" in script
     assert "#SBATCH --time=0-00:30:00" in script
     assert "#SBATCH --signal=B:USR1@60" in script and "#SBATCH --no-requeue" in script
@@ -96,3 +96,64 @@ def test_missing_sbatch_is_one_clear_line(tmp_path, monkeypatch):
         (tmp_path / "a").mkdir()
         (tmp_path / "a" / "slurm_job.json").write_text('{"job_id": "7"}')
         SlurmExecutor(progress=None).status(dag)
+
+
+def _sweep(tmp_path) -> RunDAG:
+    """A dense stable run, its two branches (an array), a conversion, an upcycled stable run."""
+    def node(run_id, kind, deps=(), **kw):
+        return RunNode(run_id, kind, tmp_path / "runs" / run_id, ["true", run_id], depends_on=list(deps), **kw)
+    return RunDAG([
+        node("dense-a-stable", "dense"),
+        *[node(f"dense-a-d_{d}", "branch", ["dense-a-stable"], array_group="dense-a-stable-branches")
+          for d in ("1M", "2M")],
+        node("convert-a", "convert", ["dense-a-d_1M"]),
+        node("upcycle-a-stable", "upcycle", ["convert-a"]),
+    ])
+
+
+def _snapshot(root: Path) -> list:
+    return sorted((str(p), p.stat().st_mtime_ns) for p in [root, *root.rglob("*")])
+
+
+def test_render_is_the_submission_order_with_placeholder_dependencies(tmp_path):
+    dag = _sweep(tmp_path)
+    ex = SlurmExecutor(SlurmOptions(array_throttle=1), workdir=tmp_path, log_dir=tmp_path / "slurm", progress=None)
+    before = _snapshot(tmp_path)
+    plan = ex.render(dag)
+    text = ex.dry_run(dag)
+    assert _snapshot(tmp_path) == before  # nothing written: no run directory, no log directory
+    subs = plan.submissions
+    assert [[n.run_id for n in s.runs] for s in subs] == [
+        ["dense-a-stable"], ["dense-a-d_1M", "dense-a-d_2M"], ["convert-a"], ["upcycle-a-stable"]]
+    assert [s.dependencies for s in subs] == [[], ["{job1}"], ["{job2}_0"], ["{job3}"]]
+    assert "#SBATCH --array=0-1%1" in subs[1].script
+    assert "#SBATCH --dependency=afterok:{job2}_0\n#SBATCH --kill-on-invalid-dep=yes" in subs[2].script
+    # Names: kind first, the stable run and its branches apart within squeue's 8 characters.
+    names = [s.job_name for s in subs]
+    assert [n[:3] for n in names] == ["dS-", "dB-", "uC-", "uS-"] and all(len(n) <= 8 for n in names)
+    assert len(set(names)) == 4
+    # The dry run prints exactly these scripts, in this order.
+    from megatron_upcycle.sweep.slurm import SUBMISSION_MARK
+    printed = [part.split("\n", 1)[1] for part in text.split("\n" + SUBMISSION_MARK)[1:]]
+    assert printed == [s.script for s in subs]
+    assert all(subprocess.run(["bash", "-n"], input=s.script, text=True).returncode == 0 for s in subs)
+    # The real path substitutes the ids sbatch returned in the dependency line only.
+    assert "afterok:77_0\n" in subs[2].script_with_ids({"{job2}": "77"})
+
+
+def test_job_names_stay_unique_when_hashes_collide(tmp_path, monkeypatch):
+    from megatron_upcycle.sweep import slurm_render
+
+    real = slurm_render.hashlib.sha1
+    monkeypatch.setattr(slurm_render.hashlib, "sha1", lambda data: real(data[:1]))  # every run id collides
+    dag = RunDAG([RunNode(f"dense-{i}", "dense", tmp_path / str(i), ["true"]) for i in range(3)])
+    ex = SlurmExecutor(workdir=tmp_path, log_dir=tmp_path / "slurm", progress=None)
+    names = [s.job_name for s in ex.render(dag).submissions]
+    assert len(set(names)) == 3 and [len(n) for n in names] == [7, 8, 9]
+
+
+def test_job_name_prefix_is_optional_and_not_doubled(tmp_path):
+    dag = RunDAG([RunNode("upcycle-x-stable", "upcycle", tmp_path / "u", ["true"])])
+    name = SlurmExecutor(SlurmOptions(job_name_prefix="grid"), workdir=tmp_path, log_dir=tmp_path,
+                         progress=None).render(dag).submissions[0].job_name
+    assert name.startswith("grid-uS-") and "upcycle" not in name

@@ -12,7 +12,7 @@ def add_parser(subparsers) -> None:
     for name, help_text, func in [
         ("plan", "print the DAG, tokens, FLOPs, GPU-hours and the saving", run_plan),
         ("run", "run what is missing (local or slurm)", run_run),
-        ("status", "per-run state from the run directories (and squeue)", run_status),
+        ("status", "per-run state from the run directories (and squeue: job id and name per run)", run_status),
         ("collect", "write results.csv from finished runs", run_collect),
     ]:
         action = sub.add_parser(name, help=help_text)
@@ -24,7 +24,9 @@ def add_parser(subparsers) -> None:
         if name == "run":
             action.add_argument("--max-parallel", type=int, default=None,
                                 help="local: concurrent runs (default: number of cores)")
-            action.add_argument("--dry-run", action="store_true", help="slurm: render scripts, submit nothing")
+            action.add_argument("--dry-run", action="store_true",
+                                help="slurm: print the scripts a submission would make now, in order; "
+                                     "submit and write nothing")
         action.set_defaults(run=func)
 
 
@@ -34,7 +36,9 @@ def _plan(args):
 
     experiment = load_experiment(args.experiment)
     root = Path(args.root or experiment.output_root or f"runs_{experiment.name}")
-    return build_plan(experiment, root)
+    plan = build_plan(experiment, root)
+    experiment.resource_table().check_runs(run.run_id for run in plan.runs)  # a by_run glob matching nothing
+    return plan
 
 
 def run_plan(args) -> int:
@@ -61,13 +65,9 @@ def run_run(args) -> int:
     # Every value bound for a script is checked before plan.json or a run directory is written.
     executor.check(dag)
     if args.dry_run:
-        from megatron_upcycle.sweep.slurm_render import render_sbatch
-
-        scripts = [render_sbatch(executor.options, [node], workdir=executor.workdir, log_dir=executor.log_dir)
-                   for node in dag]
-        write_run_dirs(plan)
-        for script in scripts:
-            print(script)
+        # The real submission's own rendering (arrays, dependencies with placeholder ids,
+        # job names, order); it writes nothing: no run directory, plan.json or log.
+        print(executor.dry_run(dag), end="")
         return 0
     write_run_dirs(plan)
     report = executor.submit(dag)

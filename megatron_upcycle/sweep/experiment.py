@@ -9,6 +9,7 @@ from megatron_upcycle.config.loading import from_dict, read_yaml
 from megatron_upcycle.config.run import BudgetRange
 from megatron_upcycle.data import DataConfig
 from megatron_upcycle.errors import ConfigError
+from megatron_upcycle.sweep.run_resources import Resources, ResourceTable
 
 
 @dataclass
@@ -34,19 +35,6 @@ class MoEChoice:
     granularity: int = 1
     layers: Literal["all", "every_other"] | list[int] = "all"
     shared_expert: bool = False
-
-
-@dataclass
-class Resources:
-    """Per model size: how one run of it is laid out on the cluster."""
-
-    nodes: int = 1
-    gpus_per_node: int = 8
-    tensor_parallel: int = 1
-    expert_parallel: int = 1
-    sequence_parallel: bool = False
-    micro_batch_size: int = 1
-    time_minutes: int = 240
 
 
 @dataclass
@@ -90,7 +78,9 @@ class Experiment:
     baselines: Baselines = field(default_factory=Baselines)
     data: DataConfig = field(default_factory=DataConfig)
     training: Training = field(default_factory=Training)
-    resources: dict[str, Resources] = field(default_factory=dict)  # model name (or "default") -> layout
+    # Layout and job resources: default, per model (its name), by_kind, by_run; see
+    # megatron_upcycle.sweep.run_resources for the keys and their precedence.
+    resources: dict = field(default_factory=dict)
     # Conversion options (init, noise_scale, drop_fraction, router_init, seed, ...): the
     # converter's own megatron_upcycle.upcycle.UpcycleOptions, strictly checked.
     converter: dict = field(default_factory=dict)
@@ -117,7 +107,8 @@ class Experiment:
             raise ConfigError("experiment: d2 names no token budgets")
         if not self.seeds:
             raise ConfigError("experiment: seeds is empty")
-        self.slurm_options()  # validate now, not at submission
+        self.resource_table()  # validate now, not at submission
+        self.slurm_options()
         self.converter_options()
 
     def converter_options(self):
@@ -130,8 +121,12 @@ class Experiment:
 
         return SlurmOptions.from_dict(dict(self.slurm))
 
+    def resource_table(self) -> ResourceTable:
+        return ResourceTable.parse(dict(self.resources), self.dense_models)
+
     def resources_for(self, model: str) -> Resources:
-        return self.resources.get(model) or self.resources.get("default") or Resources()
+        """A model size's layout (``default`` then the model's own entry)."""
+        return self.resource_table().for_model(model)
 
 
 def load_experiment(path: str) -> Experiment:

@@ -56,19 +56,23 @@ def write_run_dirs(plan: Plan) -> None:
 
 
 def to_dag(plan: Plan, cpu_only: bool = False) -> RunDAG:
+    """The plan's runs as RunNodes; each job's resources by model, kind and run
+    (megatron_upcycle.sweep.run_resources). ``cpu_only``: one node, no GPU (local)."""
+    table = plan.experiment.resource_table()
+    table.check_runs(run.run_id for run in plan.runs)
     nodes = []
     for run in plan.runs:
-        res = plan.experiment.resources_for(run.resources_model)
+        res = table.for_run(run.run_id, run.kind, run.resources_model)
         run_dir = plan.run_dir(run)
-        on_gpu = run.kind != "convert" and not cpu_only
         nodes.append(RunNode(
             run_id=run.run_id,
             kind=run.kind,
             run_dir=run_dir.path,
             command=command_for(run, run_dir.config),
             depends_on=run.depends_on,
-            nodes=res.nodes if on_gpu else 1,
-            gpus_per_node=res.gpus_per_node if on_gpu else 0,
+            nodes=1 if cpu_only else res.nodes,
+            gpus_per_node=0 if cpu_only else res.gpus_per_node,
+            cpus_per_task=None if cpu_only else res.cpus_per_task,
             time_minutes=res.time_minutes,
             array_group=run.array_group,
         ))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import re
 import string
 from dataclasses import dataclass, field
@@ -45,7 +46,9 @@ class SlurmOptions:
     array_throttle: int | None = None   # at most this many tasks of one array at a time (--array=...%N)
     extra_sbatch: list[str] = field(default_factory=list)  # more options, e.g. "--exclusive", "--mail-type=FAIL"
     setup: list[str] = field(default_factory=list)         # shell lines run first (module load, source, export)
-    job_name_prefix: str = "upcycle"
+    # Put in front of every job name ("<prefix>-dS-3f2a"); none by default, so that the
+    # name's distinguishing part fits squeue's default 8-character NAME column.
+    job_name_prefix: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("time_minutes", "nodes", "cpus_per_task", "signal_seconds", "array_throttle"):
@@ -63,7 +66,8 @@ class SlurmOptions:
             value = getattr(self, name)
             if value is not None:
                 sv.check_word(value, f"slurm option {name}")
-        sv.check_name(self.job_name_prefix, "slurm option job_name_prefix")
+        if self.job_name_prefix is not None:
+            sv.check_name(self.job_name_prefix, "slurm option job_name_prefix")
         for line in self.extra_sbatch:
             sv.check_sbatch_option(line, "slurm option extra_sbatch")
         for line in self.setup:
@@ -107,7 +111,10 @@ _ABOUT = {
               "# (MASTER_ADDR is the first host, NODE_RANK is SLURM_NODEID)."),
     "convert": "a conversion: one process on one node.",
 }
-_JOB_ID = re.compile(r"[0-9]+(_[0-9]+)?")
+# A dependency is a Slurm job id ("123", "123_4" for an array task) or, while a
+# submission is rendered before sbatch has answered, the placeholder of an earlier
+# submission of the same pass ("{job2}", "{job2}_4"): see sweep.slurm.
+_JOB_ID = re.compile(r"([0-9]+|\{job[0-9]+\})(_[0-9]+)?")
 
 
 def template_for(kind: str, template_dir: Path = TEMPLATE_DIR) -> Path:
@@ -177,10 +184,33 @@ def _select_run(runs: Sequence[RunNode]) -> str:
     return "\n".join(lines)
 
 
-def default_job_name(options: SlurmOptions, runs: Sequence[RunNode]) -> str:
-    """<prefix>-<run_id>, or <prefix>-<array_group> for an array."""
-    label = runs[0].array_group if len(runs) > 1 and runs[0].array_group else runs[0].run_id
-    return f"{options.job_name_prefix}-{label}"
+# Job names: <model kind><stage>-<hash>, e.g. dS-3f2a. Kind first, so that squeue's
+# 8-character NAME column tells a stable run (dS-...) from its branch array (dB-...)
+# and a conversion (uC-...); the hash of the job's run ids keeps names unique
+# (lengthened on a collision, see sweep.slurm) and equal across resubmissions.
+MODEL_KIND_LETTER = {"dense": "d", "moe": "m", "upcycle": "u", "cpt": "c"}
+STAGE_LETTER = {"start": "S", "branch": "B", "convert": "C"}
+
+
+def job_code(runs: Sequence[RunNode], parent_kind: str | None = None) -> str:
+    """Two letters: what the weights are (d dense, m moe, u upcycled, c cpt; b a branch of
+    an unknown parent) and the stage (S trains from its start: stable or full run,
+    B decay branch(es), C conversion)."""
+    node = runs[0]
+    if node.kind == "convert":
+        return "u" + STAGE_LETTER["convert"]  # it makes the upcycled model
+    if node.kind == "branch":
+        return MODEL_KIND_LETTER.get(parent_kind or "", "b") + STAGE_LETTER["branch"]
+    return MODEL_KIND_LETTER[node.kind] + STAGE_LETTER["start"]
+
+
+def default_job_name(options: SlurmOptions, runs: Sequence[RunNode], parent_kind: str | None = None,
+                     hash_chars: int = 4) -> str:
+    """``[<prefix>-]<code>-<hash>``: ``job_code`` and the first ``hash_chars`` hex digits of
+    the sha1 of the job's run ids (one run, or an array's runs in task order)."""
+    digest = hashlib.sha1("\n".join(node.run_id for node in runs).encode()).hexdigest()[:hash_chars]
+    name = f"{job_code(runs, parent_kind)}-{digest}"
+    return f"{options.job_name_prefix}-{name}" if options.job_name_prefix else name
 
 
 def check_inputs(options: SlurmOptions, runs: Sequence[RunNode], workdir, log_dir,

@@ -25,6 +25,7 @@ class RunStatus:
     scheduler_state: str | None = None  # what the scheduler says (RUNNING, CANCELLED, ...)
     reason: str | None = None           # why pending/failed, when known
     log_path: Path | None = None        # the run's stderr log
+    job_name: str | None = None         # what squeue's NAME column shows (dS-3f2a)
 
 
 def count_states(statuses: Iterable[RunStatus]) -> dict[RunState, int]:
@@ -43,11 +44,12 @@ def _show_log(status: RunStatus) -> bool:
 
 
 def format_status_table(statuses: Iterable[RunStatus]) -> str:
-    """A fixed-width table, one line per run, then the counts."""
+    """A fixed-width table, one line per run (its Slurm job id and name next to it:
+    what squeue shows), then the counts."""
     statuses = list(statuses)
-    header = ("run", "kind", "state", "job", "slurm", "reason", "log")
+    header = ("run", "job", "name", "kind", "state", "slurm", "reason", "log")
     rows = [header] + [
-        (s.run_id, s.kind, s.state.value, s.job_id or "-", s.scheduler_state or "-",
+        (s.run_id, s.job_id or "-", s.job_name or "-", s.kind, s.state.value, s.scheduler_state or "-",
          s.reason or "-", str(s.log_path) if _show_log(s) else "-")
         for s in statuses
     ]

@@ -27,7 +27,7 @@ from megatron_upcycle.checkpoint import (
 from megatron_upcycle.config.loading import to_dict, write_yaml_atomic
 from megatron_upcycle.config.run import RunConfig
 from megatron_upcycle.errors import UserError
-from megatron_upcycle.exit_codes import NonFiniteLoss, RequeueRequested, RunBusy
+from megatron_upcycle.exit_codes import NonFiniteLoss, RunBusy
 from megatron_upcycle.parallel import all_ranks, any_rank, init_distributed
 from megatron_upcycle.rundir import RunDir
 from megatron_upcycle.schedule import megatron_scheduler, phase_of
@@ -359,7 +359,7 @@ class Trainer:
                     # The run stopped here for the signal: say so (a budget record stays a budget's).
                     Manifest(self.ckpt_root).add(dataclasses.replace(latest, reason="signal"))
                 self._say(f"signal received: saved iteration {self.iteration}, exiting for requeue")
-                raise RequeueRequested()
+                self.requeue.exit_for_requeue()  # once every rank's save is complete
             log_now = (self.iteration + 1) % schedule.log_interval_iters == 0 or self.iteration + 1 == run.stop_iter
             if self.router_stats is not None:
                 self.router_stats.active = log_now

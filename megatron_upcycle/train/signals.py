@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import signal
+from typing import NoReturn
 
-from megatron_upcycle.parallel import any_rank
+from megatron_upcycle.exit_codes import RequeueRequested
+from megatron_upcycle.parallel import all_ranks, any_rank
 
 
 class RequeueSignal:
@@ -22,3 +24,14 @@ class RequeueSignal:
     def agreed(self) -> bool:
         """True on every rank if any rank received a signal (a collective call)."""
         return any_rank(self._received is not None)
+
+    @staticmethod
+    def exit_for_requeue() -> NoReturn:
+        """Raise RequeueRequested (exit 75) once every rank has got here, i.e. has done
+        its part of the save, manifest included (a collective call).
+
+        The first node to exit 75 ends its srun task, and srun (--kill-on-bad-exit)
+        then SIGTERMs the other nodes: without this agreement a rank still writing
+        could be killed mid-save by a faster node's exit."""
+        all_ranks(True)
+        raise RequeueRequested()

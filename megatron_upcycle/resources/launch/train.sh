@@ -20,7 +20,9 @@
 # `kill`) only this script gets it and passes SIGTERM on to torchrun, which
 # passes it to the workers and waits for them. torchrun is told to handle
 # SIGUSR1 too (by default it would die of it, and the step would end while the
-# workers are still saving). torchrun reports any failure as exit 1 whatever the
+# workers are still saving); it runs as megatron_upcycle.train.torchrun, which
+# ends such a stop with one line where plain torchrun prints the traceback of
+# its SignalException. torchrun reports any failure as exit 1 whatever the
 # workers returned, so the engine writes its real exit code to
 # $UPCYCLE_EXIT_STATUS_FILE and this script exits with it (75 only after a save).
 set -uo pipefail
@@ -81,7 +83,7 @@ export UPCYCLE_EXIT_STATUS_FILE
 trap 'rm -f "$UPCYCLE_EXIT_STATUS_FILE"' EXIT
 
 echo "train.sh: node ${NODE_RANK}/${NNODES} ${SLURMD_NODENAME:-$(hostname)}: torchrun ${rendezvous[*]} --nproc_per_node=$NPROC_PER_NODE ${entry[*]} $*" >&2
-"$PYTHON" -m torch.distributed.run "${rendezvous[@]}" --nproc_per_node="$NPROC_PER_NODE" "${entry[@]}" "$@" &
+"$PYTHON" -m megatron_upcycle.train.torchrun "${rendezvous[@]}" --nproc_per_node="$NPROC_PER_NODE" "${entry[@]}" "$@" &
 child=$!
 signalled=""
 on_signal() {
