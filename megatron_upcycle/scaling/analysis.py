@@ -3,7 +3,9 @@
 Writes out_dir/fits.json, loo.md, dstar.md and plots/*.png and returns the
 typed ``AnalysisResult``. A form that the table cannot support (too few runs,
 one model size for the joint law, ...) is skipped with its reason recorded,
-unless the caller named it explicitly in ``AnalysisOptions.forms``.
+unless the caller named it explicitly in ``AnalysisOptions.forms``. Parameters
+the runs do not identify are flagged on each fit (identification.py), and a fit
+that holds a parameter from such a fit (the joint law's E) is flagged with it.
 """
 from __future__ import annotations
 

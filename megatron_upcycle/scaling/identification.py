@@ -105,7 +105,7 @@ def numeric_flags(fitter: LawFitter, outcome: FitOutcome) -> list[Identification
             for p in [term.amplitude, *(n for n, _, _ in term.powers)]:
                 if p in names:
                     live[names.index(p)] = False
-    if live.sum() >= 2:
+    if live.sum() >= 2 and np.isfinite(H).all():
         Hs = H[np.ix_(live, live)] / np.outer(scale[live], scale[live])
         eig, vec = np.linalg.eigh(Hs)
         top = eig[-1]

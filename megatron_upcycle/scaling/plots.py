@@ -186,6 +186,11 @@ def plot_predicted_vs_observed(result: AnalysisResult, table: ResultsTable, path
 
 
 def plot_dstar(result: AnalysisResult, path: Path) -> Path:
+    return _save(dstar_figure(result), path)
+
+
+def dstar_figure(result: AnalysisResult):
+    """The D*(N1) figure (unsaved): curves, bands, and marks where the laws do not cross."""
     fig = _figure()
     ax = fig.subplots()
     paper = result.dstar_paper
@@ -226,7 +231,7 @@ def plot_dstar(result: AnalysisResult, path: Path) -> Path:
     ax.set_ylabel("D* (tokens)")
     ax.set_title("Upcycling beats an MoE from scratch below D*", fontsize=9)
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return fig
 
 
 def _no_crossing_marks(ax, rows, color: str, what: str) -> None:
