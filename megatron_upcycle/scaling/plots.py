@@ -4,7 +4,8 @@
   chosen D1-D2 form (solid) and the joint law (dashed), log-log.
 - exponent_vs_lnd1.png: fitted D2 exponent a2 - a3 ln D1 against ln D1 with its
   bootstrap band, and local slopes read off the data at each D1.
-- predicted_vs_observed.png: in-sample and leave-one-out predictions.
+- predicted_vs_observed.png: in-sample and leave-one-out predictions; the runs
+  that decide a family's choice (influential, selection.py) are named.
 - dstar_vs_n1.png: D*(N1) numeric and closed form, with the +/-0.0005 band (its
   label says where only some nudges cross); N1 values without a crossing are
   marked with a triangle above the curves.
@@ -158,6 +159,7 @@ def plot_predicted_vs_observed(result: AnalysisResult, table: ResultsTable, path
     fig = _figure(11.0, 4.8)
     ax, res_ax = fig.subplots(1, 2)
     chosen = {(s.subset, s.chosen) for s in result.selections}
+    influential = {(s.family, s.subset): s.influential for s in result.selections}
     families = {f.family for f in result.fits}
     shown = [f for f in result.fits
              if (f.subset, f.form) in chosen or f.family in families - {"d1d2", "config"}]
@@ -172,6 +174,11 @@ def plot_predicted_vs_observed(result: AnalysisResult, table: ResultsTable, path
             loo_error = np.array([fit.loo.errors[r] for r in fit.run_ids])
             ax.plot(observed, observed + loo_error, "x", color=color, ms=4)
             res_ax.plot(observed, loo_error, "x", color=color, ms=4)
+            named = influential.get((fit.family, fit.subset), []) if (fit.subset, fit.form) in chosen else []
+            for run_id in named:  # the runs that decide the choice (selection.py), by name
+                j = fit.run_ids.index(run_id)
+                res_ax.annotate(run_id, (observed[j], loo_error[j]), fontsize=6, color=color,
+                                xytext=(3, 3), textcoords="offset points")
             lo, hi = min(lo, (observed + loo_error).min()), max(hi, (observed + loo_error).max())
         lo, hi = min(lo, observed.min(), fitted.min()), max(hi, observed.max(), fitted.max())
     if shown:
