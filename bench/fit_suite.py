@@ -45,7 +45,7 @@ def main() -> None:
     print(f"fits: {len(result.fits)} (all with LOO), skipped: {len(result.skipped)}, "
           f"bootstrapped: {booted} x {args.bootstrap} resamples (others: jackknife from LOO)")
     for s in result.selections:
-        robust = "" if s.criteria_agree else f" (median |LOO error| chooses {s.robust_chosen})"
+        robust = "" if s.criteria_agree else f" (held-out Huber chooses {s.robust_chosen})"
         print(f"  {s.family} [{s.subset}]: {s.chosen}{robust}; influential runs: {len(s.influential)}")
     flagged = [f for f in result.fits if f.unidentified()]
     print(f"fits with parameters not identified: {len(flagged)} of {len(result.fits)} "

@@ -178,7 +178,8 @@ def test_one_outlier_is_named_and_the_robust_criterion_keeps_the_generating_form
     loo = (tmp_path / "out" / "loo.md").read_text()
     chosen_row = next(line for line in loo.splitlines() if f"`{selection.chosen}`" in line and "**yes**" in line)
     assert chosen_row.rstrip(" |").endswith(bad["run_id"])  # named in the LOO table's influential column
-    assert "median abs LOO error" in loo and "### Leave-one-out error per run" in loo
+    assert "held-out Huber" in loo and "median abs LOO error" in loo and "### Leave-one-out error per run" in loo
+    assert selection.loo_huber[selection.robust_chosen] == min(selection.loo_huber.values())
     assert f"influential runs: {bad['run_id']}" in result.influence_lines()[0]
 
 

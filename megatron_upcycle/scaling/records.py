@@ -189,7 +189,7 @@ class PointInfluence:
 @dataclass
 class Selection:
     """The form chosen by leave-one-out RMS among the candidates of one family on one subset,
-    beside the robust choice (median |LOO error|) and the runs that decide it."""
+    beside the robust choice (mean Huber loss of the held-out errors) and the runs that decide it."""
 
     family: str
     subset: str
@@ -197,7 +197,9 @@ class Selection:
     loo_rms: dict[str, float]  # form -> LOO RMS (nats)
     margin: float  # second-best LOO RMS minus the best (nats)
     loo_median_abs: dict[str, float] = field(default_factory=dict)  # form -> median |LOO error| (nats)
-    robust_chosen: str | None = None  # the form with the smallest median |LOO error|
+    loo_huber: dict[str, float] = field(default_factory=dict)  # form -> mean Huber loss of held-out errors
+    huber_delta: float | None = None  # nats: 1.345 x 1.4826 x median |held-out error| over all forms
+    robust_chosen: str | None = None  # the form with the smallest held-out Huber loss
     points: list[PointInfluence] = field(default_factory=list)
     influential: list[str] = field(default_factory=list)  # run_ids, most influential first
     verdict: str = ""  # one sentence: do the criteria agree, which runs decide the choice

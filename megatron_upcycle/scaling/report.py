@@ -45,12 +45,13 @@ def _header(result: AnalysisResult) -> list[str]:
 def loo_markdown(result: AnalysisResult) -> str:
     lines = ["# Scaling-law fits: leave-one-out comparison", ""] + _header(result) + [""]
     lines += ["## Forms by leave-one-out RMS (nats)", "",
-              "Chosen by LOO RMS; the median |LOO error| beside it is a robust criterion (one bad run cannot "
-              "move it). Influential runs: dropping one changes the choice, or its held-out error is more than "
-              "5x the median.", "",
-              "| family | subset | form | runs | free params | LOO RMS | median abs LOO error | max abs LOO error | "
-              "in-sample RMS | chosen | influential runs |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "Chosen by LOO RMS. Beside it, a robust criterion: the mean Huber loss of the held-out errors, "
+              "delta = 1.345 x 1.4826 x their median |error| over the forms (quadratic for ordinary errors, "
+              "linear for a run far outside them, so one bad run cannot decide it). Influential runs: dropping "
+              "one changes the choice, or its held-out error is more than 5x the median.", "",
+              "| family | subset | form | runs | free params | LOO RMS | held-out Huber (nats^2) | median abs LOO error | "
+              "max abs LOO error | in-sample RMS | chosen | influential runs |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     chosen = {(s.subset, s.chosen) for s in result.selections}
     by_subset = {(s.family, s.subset): s for s in result.selections}
     for f in sorted(result.fits, key=lambda f: (f.family, f.subset, f.loo.rms if f.loo else 0)):
@@ -61,8 +62,10 @@ def loo_markdown(result: AnalysisResult) -> str:
             mark += " (robust choice)"
         named = ", ".join(sel.influential) if sel is not None and (f.subset, f.form) in chosen else ""
         median = f.loo.median_abs if f.loo else None
+        huber = sel.loo_huber.get(f.form) if sel is not None else None
         lines.append(f"| {f.family} | {f.subset} | `{f.form}` | {f.n_points} | {free} | {g(f.loo.rms)} | "
-                     f"{g(median)} | {g(f.loo.max_abs)} | {g(f.rms_in_sample)} | {mark} | {named or '-'} |")
+                     f"{g(huber)} | {g(median)} | {g(f.loo.max_abs)} | {g(f.rms_in_sample)} | {mark.strip()} | "
+                     f"{named or '-'} |")
     for s in result.selections:
         if s.margin == s.margin:
             lines.append(f"\n{s.family}, {s.subset}: `{s.chosen}` chosen, LOO RMS lower than the runner-up "

@@ -9,8 +9,10 @@ basin; the grid itself is not rerun per left-out point.
 
 One bad run can decide the choice: the RMS is dominated by the largest held-out
 error, so a run 5% off moves it more than every other run together. ``select``
-therefore also ranks by the median |LOO error| (robust to a few such runs), says
-when the two disagree, and for each run records its held-out error under every
+therefore also ranks the forms by the mean Huber loss of their held-out errors,
+with delta = 1.345 x a robust scale of all of them (1.4826 x the median |error|
+pooled over the forms): quadratic, like the RMS, for ordinary errors, linear for
+a run far outside them. It says when the two criteria disagree, and for each run records its held-out error under every
 form and the form RMS chooses once that run's held-out errors are dropped from
 the comparison (the other refits still saw it: an exact double leave-one-out
 would cost n times the refits). A run is *influential* when dropping it changes
@@ -25,6 +27,7 @@ from megatron_upcycle.scaling.fitting import FitOutcome, LawFitter
 from megatron_upcycle.scaling.records import LawFit, LooSummary, PointInfluence, Selection
 
 OUTLIER_RATIO = 5.0  # |held-out error| / median |held-out error|; a normal sample of 25 rarely passes 4
+HUBER_K = 1.345  # the usual Huber tuning constant: 95% of the RMS's efficiency on normal errors
 
 
 def leave_one_out(fitter: LawFitter, outcome: FitOutcome) -> LooSummary:
@@ -63,7 +66,9 @@ def select(fits: list[LawFit]) -> Selection | None:
     run_ids = [r for r in scored[0].run_ids if all(r in f.loo.errors for f in scored)]
     errors = np.array([[f.loo.errors[r] for r in run_ids] for f in scored])  # (forms, runs)
     median_abs = {f.form: float(np.median(np.abs(e))) for f, e in zip(scored, errors)}
-    robust = min(median_abs, key=median_abs.get)
+    delta = HUBER_K * 1.4826 * float(np.median(np.abs(errors))) if errors.size else 0.0
+    huber = {f.form: held_out_huber(e, delta) for f, e in zip(scored, errors)}
+    robust = min(huber, key=huber.get) if delta > 0 else chosen
     points = []
     typical = median_abs[chosen]
     for j, run_id in enumerate(run_ids):
@@ -76,10 +81,19 @@ def select(fits: list[LawFit]) -> Selection | None:
                          key=lambda p: (p.chosen_without == chosen, -abs(p.loo_error[chosen])))
     selection = Selection(family=scored[0].family, subset=scored[0].subset, chosen=chosen,
                           loo_rms={f.form: f.loo.rms for f in fits if f.loo is not None}, margin=float(margin),
-                          loo_median_abs=median_abs, robust_chosen=robust, points=points,
+                          loo_median_abs=median_abs, loo_huber=huber, huber_delta=delta,
+                          robust_chosen=robust, points=points,
                           influential=[p.run_id for p in influential])
     selection.verdict = verdict(selection)
     return selection
+
+
+def held_out_huber(errors: np.ndarray, delta: float) -> float:
+    """Mean Huber loss of held-out errors (nats^2 scale): r^2/2 inside delta, delta (|r| - delta/2) outside."""
+    a = np.abs(np.asarray(errors, dtype=float))
+    if delta <= 0:
+        return float(np.mean(0.5 * a * a))
+    return float(np.mean(np.where(a <= delta, 0.5 * a * a, delta * (a - 0.5 * delta))))
 
 
 def point_text(selection: Selection, run_id: str) -> str:
@@ -96,13 +110,13 @@ def point_text(selection: Selection, run_id: str) -> str:
 
 
 def verdict(selection: Selection) -> str:
-    """One sentence: do LOO RMS and median |LOO error| agree, and which runs decide the choice."""
+    """One sentence: do LOO RMS and the held-out Huber loss agree, and which runs decide the choice."""
     s = selection
     if s.criteria_agree:
-        text = f"LOO RMS and median |LOO error| both choose {s.chosen}"
+        text = f"LOO RMS and the held-out Huber loss both choose {s.chosen}"
     else:
-        text = (f"the criteria disagree: LOO RMS chooses {s.chosen}, median |LOO error| chooses {s.robust_chosen} "
-                f"(the RMS choice rests on a few runs)")
+        text = (f"the criteria disagree: LOO RMS chooses {s.chosen}, the held-out Huber loss (robust to a few "
+                f"runs) chooses {s.robust_chosen}")
     if s.influential:
         shown = s.influential[:5]
         more = f" and {len(s.influential) - len(shown)} more" if len(s.influential) > len(shown) else ""
