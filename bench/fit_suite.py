@@ -45,7 +45,11 @@ def main() -> None:
     print(f"fits: {len(result.fits)} (all with LOO), skipped: {len(result.skipped)}, "
           f"bootstrapped: {booted} x {args.bootstrap} resamples (others: jackknife from LOO)")
     for s in result.selections:
-        print(f"  {s.family} [{s.subset}]: {s.chosen}")
+        robust = "" if s.criteria_agree else f" (held-out Huber chooses {s.robust_chosen})"
+        print(f"  {s.family} [{s.subset}]: {s.chosen}{robust}; influential runs: {len(s.influential)}")
+    flagged = [f for f in result.fits if f.unidentified()]
+    print(f"fits with parameters not identified: {len(flagged)} of {len(result.fits)} "
+          f"({', '.join(sorted({p for f in flagged for p in f.unidentified()}))})")
     print(f"bfgs_runs: {result.n_bfgs_runs} ({result.n_bfgs_iterations} iterations)")
     print(f"cpu_seconds (user, incl. workers): {cpu:.1f}")
     print(f"fit_suite_seconds: {seconds:.1f}")

@@ -26,6 +26,12 @@ def add_parser(subparsers) -> None:
     fit.add_argument("--seed", default="0", help="bootstrap seed (default 0)")
     fit.add_argument("--workers", default=None, help="processes for independent fits (default: up to 2)")
     fit.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    fit.add_argument("--columns", default=None, metavar="OLD=NEW,...",
+                     help="rename the table's columns to the contract's on read (docs/results-table.md), "
+                          "e.g. --columns loss=val_loss,params=N1")
+    fit.add_argument("--tokens-unit", default="tokens", metavar="UNIT",
+                     help="unit of the table's D1, D2 and tokens columns: tokens (default), thousands, millions "
+                          "or billions (the paper's tables); converted to tokens on read")
     fit.set_defaults(run=run_fit)
 
     adv = subparsers.add_parser(
@@ -43,6 +49,8 @@ def add_parser(subparsers) -> None:
     source.add_argument("--paper", action="store_true", help="use the paper's published joint-law parameters")
     adv.add_argument("--n2-over-n1", default=None, help="active-to-dense parameter ratio (default: from the fits; "
                                                         "1.75 for 8 experts top-2 with --paper)")
+    adv.add_argument("--tokens-unit", default="tokens", metavar="UNIT",
+                     help="unit of --d1 and --tokens: tokens (default), thousands, millions or billions")
     adv.add_argument("--json", action="store_true", help="print the Advice record as JSON")
     adv.set_defaults(run=run_advise)
 
@@ -65,8 +73,11 @@ def _number(name: str, text: str | None, integer: bool = False, minimum: float =
 def run_fit(args) -> int:
     from megatron_upcycle.cli.args import check_output_dir
     from megatron_upcycle.scaling import AnalysisOptions, FitOptions, analyze
+    from megatron_upcycle.scaling.io import parse_column_map, tokens_multiplier
 
     check_output_dir(args.out, "--out")  # before fitting, which can take minutes
+    columns = parse_column_map(args.columns)
+    tokens_multiplier(args.tokens_unit)  # an unknown unit: one line before any work
 
     forms = tuple(f.strip() for f in args.forms.split(",") if f.strip()) if args.forms else None
     options = AnalysisOptions(
@@ -74,6 +85,7 @@ def run_fit(args) -> int:
                        seed=_number("--seed", args.seed, integer=True, allow_equal=True)),
         forms=forms, plots=not args.no_plots,
         workers=_number("--workers", args.workers, integer=True, minimum=1, allow_equal=True),
+        columns=columns or None, tokens_unit=args.tokens_unit,
     )
     result = analyze(args.results, args.out, options)
     print(summary(result))
@@ -81,15 +93,20 @@ def run_fit(args) -> int:
 
 
 def summary(result) -> str:
-    lines = [f"units: {result.units.describe()}"]
+    lines = [f"read: {note}" for note in result.read_notes]
+    lines.append(f"units: {result.units.describe()}")
     for s in result.selections:
         rms = ", ".join(f"{k} {v:.4g}" for k, v in sorted(s.loo_rms.items(), key=lambda kv: kv[1]))
         lines.append(f"{s.family} [{s.subset}]: chose {s.chosen} (LOO RMS nats: {rms})")
+        if s.verdict:
+            lines.append(f"  {s.verdict}")
     for f in result.fits:
         if f.family in ("chinchilla", "shared_E", "joint"):
             lines.append(f"{f.form} [{f.subset}]: LOO RMS {f.loo.rms:.4g} nats")
     for s in result.skipped:
         lines.append(f"skipped {s.form} [{s.subset}]: {s.reason}")
+    for line in result.identification_notes():
+        lines.append(f"not identified: {line}")
     if result.dstar_fitted is not None:
         lines.append(f"D* (fitted laws): {result.dstar_fitted.summary}")
     lines.append(f"D* (paper parameters): {result.dstar_paper.summary}")
@@ -99,11 +116,17 @@ def summary(result) -> str:
 
 def run_advise(args) -> int:
     from megatron_upcycle.scaling import advise_from_result, read_fits_json
-    from megatron_upcycle.scaling.io import to_jsonable
+    from megatron_upcycle.scaling.io import to_jsonable, tokens_multiplier
 
+    scale = tokens_multiplier(args.tokens_unit)
     n1 = _number("--n1", args.n1)
     d1 = _number("--d1", args.d1)
     tokens = _number("--tokens", args.tokens)
+    if scale != 1.0:
+        d1 = d1 * scale
+        tokens = None if tokens is None else tokens * scale
+        if not args.json:
+            print(f"read: --d1 and --tokens in {args.tokens_unit} of tokens, converted to tokens (x {scale:g})")
     flops = _number("--flops", args.flops)
     ratio = _number("--n2-over-n1", args.n2_over_n1)
     result = None if args.paper else read_fits_json(args.fits)
@@ -119,4 +142,6 @@ def run_advise(args) -> int:
         ci = "" if o.ci_low is None else f" [{o.ci_low:.4f}, {o.ci_high:.4f}]"
         print(f"  {o.strategy:<17} {loss}{ci}  {o.note}")
     print(f"laws: {advice.laws}")
+    for warning in advice.warnings:
+        print(f"caution: {warning}")
     return 0

@@ -2,7 +2,8 @@
 
 Modules, one job each: ``laws`` (the forms as data), ``io`` (results.csv in,
 fits.json out), ``datasets`` (which rows each form is fitted to), ``fitting``
-(multi-start BFGS on a Huber loss of log L), ``selection`` (leave-one-out),
+(multi-start BFGS on a Huber loss of log L), ``identification`` (which parameters
+the runs pin down), ``selection`` (leave-one-out, robust criterion, influence),
 ``bootstrap``, ``derived`` (D*, effective exponent, compute-optimal, advisor),
 ``report`` (Markdown), ``plots`` (PNG), ``analysis`` (``analyze``: all of it).
 ``published`` holds the paper's Table 2 parameters, ``synthetic`` generates

@@ -3,7 +3,9 @@
 Writes out_dir/fits.json, loo.md, dstar.md and plots/*.png and returns the
 typed ``AnalysisResult``. A form that the table cannot support (too few runs,
 one model size for the joint law, ...) is skipped with its reason recorded,
-unless the caller named it explicitly in ``AnalysisOptions.forms``.
+unless the caller named it explicitly in ``AnalysisOptions.forms``. Parameters
+the runs do not identify are flagged on each fit (identification.py), and a fit
+that holds a parameter from such a fit (the joint law's E) is flagged with it.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from megatron_upcycle.errors import UserError
-from megatron_upcycle.scaling import datasets, derived
+from megatron_upcycle.scaling import datasets, derived, identification
 from megatron_upcycle.scaling.bootstrap import bootstrap, estimates, merge
 from megatron_upcycle.scaling.datasets import FitData
 from megatron_upcycle.scaling.fitting import FitOptions, FitOutcome, LawFitter, NotFittable, fittable_reason
@@ -42,6 +44,8 @@ class AnalysisOptions:
     workers: int | None = None  # processes for the independent fits; None: min(2, CPUs)
     bootstrap_all: bool = False  # bootstrap every form, not only the chosen ones and those D* uses
     dstar_n1: tuple[float, ...] = derived.PAPER_N1
+    columns: dict[str, str] | None = None  # the table's header names -> the contract's (``--columns``)
+    tokens_unit: str = "tokens"  # unit of the table's D1, D2, tokens columns (``--tokens-unit``)
 
 
 @dataclass
@@ -110,6 +114,8 @@ def _fit_task(task: _Task, options: FitOptions, fixed: dict[str, float] | None =
         run_ids=list(task.data.run_ids), fitted=dict(zip(task.data.run_ids, predicted.tolist())), loo=loo,
         n1=task.n1,
     )
+    identification.apply(fit, identification.design_flags(law, task.data, fixed)
+                         + identification.numeric_flags(fitter, outcome))
     if fixed:
         fit.notes.append("fixed: " + ", ".join(f"{k} = {v:.6g}" for k, v in fixed.items())
                          + " (from dense_moe_shared_E; per bootstrap sample from its bootstrap)")
@@ -148,6 +154,7 @@ def _bootstrap_all(dones: list[_Done], options: FitOptions, workers: int | None,
         boot = merge([r[0] for r in mine])
         done.fit.bootstrap = boot
         done.fit.params = estimates(done.fit.values, boot, set(done.fixed or {}), done.fit.loo.jackknife_se)
+        identification.apply(done.fit, identification.bootstrap_flags(done.fit))
         done.runs += sum(r[1] for r in mine)
         done.iterations += sum(r[2] for r in mine)
 
@@ -224,6 +231,10 @@ def _bootstrap_chosen(done: list[_Done], chosen_by_subset: dict[str, str], optio
     fixed = {i: [{"E": e} for e in shared[0].fit.bootstrap.samples["E"]]
              for i, d in enumerate(rest) if d.task.form == "joint" and shared}
     _bootstrap_all(rest, fit_opts, options.workers, fixed)
+    shared_fit = next((d.fit for d in done if d.task.form == "dense_moe_shared_E" and d.fit), None)
+    for d in done:  # after the bootstraps: the shared fit's E is final only now
+        if d.fit is not None and d.fixed and shared_fit is not None:
+            identification.apply(d.fit, identification.fixed_flags(d.fit, shared_fit))
     for d in done:
         if d.fit is not None and d.fit.bootstrap is None and fit_opts.n_bootstrap > 0:
             d.fit.notes.append("no bootstrap (not chosen by leave-one-out); the jackknife standard errors "
@@ -262,7 +273,7 @@ def analyze(results_csv_path: str | os.PathLike, out_dir: str | os.PathLike,
         unknown = [f for f in options.forms if f not in LAWS]
         if unknown:
             raise UserError(f"unknown form(s) {', '.join(unknown)}; known: {', '.join(LAWS)}")
-    table = read_results(results_csv_path)
+    table = read_results(results_csv_path, columns=options.columns, tokens_unit=options.tokens_unit)
     name = Path(results_csv_path).name
     done = _fit_all(_plan(table), options)
     fits = [d.fit for d in done if d.fit is not None]
@@ -297,6 +308,9 @@ def analyze(results_csv_path: str | os.PathLike, out_dir: str | os.PathLike,
             d1 = float(np.median(table.col("D1")[table.rows("upcycled")]))
             compute += [derived.compute_optimal(joint.values, c, d1, ratio, samples=joint.bootstrap_values(),
                                                 ci=options.fit.ci) for c in COMPUTE_BUDGETS]
+            caution = identification.law_warning(joint, "the upcycled law")
+            for c in compute if caution else ():
+                c.note += f"; caution, {caution}"
     else:
         notes.append(f"derived quantities (D*, compute-optimal, advice) need raw units; fits are in "
                      f"{units.describe()}")
@@ -312,7 +326,7 @@ def analyze(results_csv_path: str | os.PathLike, out_dir: str | os.PathLike,
         huber_delta=options.fit.huber_delta, fits=fits, skipped=skipped, selections=selections,
         dstar_fitted=dstar_fitted, dstar_paper=dstar_paper, compute_optimal=compute,
         effective_exponents=exponents, n2_over_n1=ratio, files=[], n_bfgs_runs=sum(d.runs for d in done),
-        n_bfgs_iterations=sum(d.iterations for d in done), seconds=0.0, notes=notes,
+        n_bfgs_iterations=sum(d.iterations for d in done), seconds=0.0, notes=notes, read_notes=list(table.notes),
     )
     from megatron_upcycle.scaling import report
 

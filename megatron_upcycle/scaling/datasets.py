@@ -1,7 +1,7 @@
 """Which rows of the results table each form is fitted to.
 
-- chinchilla: dense runs (D = D1 or tokens, N = N1); MoE-from-scratch runs
-  (D likewise, N = N1 of the dense model the MoE is built from, as the paper's
+- chinchilla: dense runs (D = D1, else tokens; N = N1); MoE-from-scratch runs
+  (D = tokens, else D1; N = N1 of the dense model the MoE is built from, as the paper's
   Table 2 does "for comparison convenience"; N2 when N1 is not recorded).
 - dense_moe_shared_E: both together, one irreducible loss E.
 - d1d2: upcycled runs of one model (one N1) in the main expert configuration.
@@ -45,8 +45,24 @@ def _take(table: ResultsTable, mask: np.ndarray, subset: str, columns: dict[str,
 
 
 def _tokens(table: ResultsTable) -> np.ndarray:
-    d1 = table.col("D1")
-    return np.where(np.isnan(d1), table.col("tokens"), d1)
+    """D of a from-scratch run, per row: dense rows D1 (their budget), else tokens; MoE rows
+    tokens (what they carry: they have no dense budget), else D1."""
+    d1, tokens = table.col("D1"), table.col("tokens")
+    dense_first = np.where(np.isnan(d1), tokens, d1)
+    moe_first = np.where(np.isnan(tokens), d1, tokens)
+    return np.where(table.rows("moe"), moe_first, dense_first)
+
+
+def _d_label(table: ResultsTable, mask: np.ndarray) -> str:
+    """Which column D came from on these rows, for the subset's label."""
+    d1, tokens = table.col("D1")[mask], table.col("tokens")[mask]
+    moe = table.rows("moe")[mask]
+    from_tokens = np.where(moe, ~np.isnan(tokens), np.isnan(d1))
+    if from_tokens.all():
+        return "D = tokens"
+    if not from_tokens.any():
+        return "D = D1 tokens"
+    return "D = D1 or tokens"
 
 
 def moe_n_column(table: ResultsTable) -> str:
@@ -56,13 +72,15 @@ def moe_n_column(table: ResultsTable) -> str:
 
 
 def dense_data(table: ResultsTable) -> FitData:
-    return _take(table, table.rows("dense"), "dense runs (D = D1 tokens, N = N1)",
+    mask = table.rows("dense")
+    return _take(table, mask, f"dense runs ({_d_label(table, mask)}, N = N1)",
                  {"D": _tokens(table), "N": table.col("N1")})
 
 
 def moe_data(table: ResultsTable) -> FitData:
     n = moe_n_column(table)
-    return _take(table, table.rows("moe"), f"MoE-from-scratch runs (D = D1 tokens, N = {n})",
+    mask = table.rows("moe")
+    return _take(table, mask, f"MoE-from-scratch runs ({_d_label(table, mask)}, N = {n})",
                  {"D": _tokens(table), "N": table.col(n)})
 
 

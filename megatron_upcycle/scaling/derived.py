@@ -12,11 +12,12 @@ import numpy as np
 from scipy.optimize import brentq
 
 from megatron_upcycle.errors import UserError
-from megatron_upcycle.scaling import published
+from megatron_upcycle.scaling import identification, published
 from megatron_upcycle.scaling.bootstrap import interval
 from megatron_upcycle.scaling.laws import LAWS, Units, effective_exponent, predict
 from megatron_upcycle.scaling.records import (Advice, AdviceOption, ComputeOptimal, DStarReport, DStarRow,
-                                              DStarSensitivity, EffectiveExponent, LawFit, scale_columns)
+                                              DStarSensitivity, EffectiveExponent, LawFit, range_text,
+                                              scale_columns)
 
 # D* is searched for in this token range (a crossing outside it is reported as none).
 DSTAR_RANGE = (1e6, 1e15)
@@ -41,6 +42,8 @@ class Predictors:
     upcycled_form: str = "joint"
     upcycled_n1: float | None = None
     samples: list["Predictors"] = field(default_factory=list)  # bootstrap, aligned by index
+    # Sentences for every law here built on parameters the runs do not identify (identification.py).
+    warnings: list[str] = field(default_factory=list)
 
     def dense_loss(self, d, n):
         return predict(LAWS["chinchilla"], self.dense, {"D": np.asarray(d, float), "N": np.asarray(n, float)})
@@ -88,6 +91,7 @@ def fitted_predictors(fits: list[LawFit], n2_over_n1: float, n1: float | None = 
         by_form.setdefault(f.form, []).append(f)
     pred = Predictors(source="", n2_over_n1=n2_over_n1)
     parts = []
+    used: list[tuple[LawFit, str]] = []  # (fit, its role) for the identification warnings
     dense_samples: list = []
     moe_samples: list = []
     if "dense_moe_shared_E" in by_form:
@@ -97,23 +101,27 @@ def fitted_predictors(fits: list[LawFit], n2_over_n1: float, n1: float | None = 
         pairs = [_split_shared(v) if v else (None, None) for v in shared.bootstrap_values()]
         dense_samples, moe_samples = [p[0] for p in pairs], [p[1] for p in pairs]
         parts.append("dense_moe_shared_E")
+        used.append((shared, "the dense and MoE-from-scratch laws"))
     else:
         for f in by_form.get("chinchilla", []):
             if f.subset.startswith("dense"):
                 pred.dense = _raw(f, f.values)
                 dense_samples = f.bootstrap_values()
                 parts.append("chinchilla (dense)")
+                used.append((f, "the dense law"))
             elif f.subset.startswith("MoE"):
                 pred.moe = _raw(f, f.values)
                 pred.moe_uses_n2 = "N = N2" in f.subset
                 moe_samples = f.bootstrap_values()
                 parts.append("chinchilla (MoE)")
+                used.append((f, "the MoE-from-scratch law"))
     upc_samples: list = []
     if "joint" in by_form:
         joint = by_form["joint"][0]
         pred.upcycled, pred.upcycled_form = _raw(joint, joint.values), "joint"
         upc_samples = joint.bootstrap_values()
         parts.append("joint")
+        used.append((joint, "the upcycled law"))
     elif n1 is not None:
         candidates = [f for f in fits if f.family == "d1d2" and f.n1 is not None
                       and (not selections or selections.get(f.subset) == f.form)]
@@ -127,7 +135,9 @@ def fitted_predictors(fits: list[LawFit], n2_over_n1: float, n1: float | None = 
             pred.upcycled, pred.upcycled_form, pred.upcycled_n1 = _raw(f, f.values), f.form, f.n1
             upc_samples = f.bootstrap_values()
             parts.append(f"{f.form} [{f.subset}]")
+            used.append((f, "the upcycled law"))
     pred.source = "fitted: " + ", ".join(parts) if parts else "fitted: none"
+    pred.warnings = [w for w in (identification.law_warning(f, role) for f, role in used) if w]
     # Samples are aligned by index (the joint law's sample i used the shared fit's E of
     # sample i); a law without a bootstrap contributes its point estimate; a failed
     # refit (None) drops that index.
@@ -207,8 +217,11 @@ def dstar_report(pred: Predictors, n1_values=PAPER_N1, ci: float = 0.95,
                 value = solve_dstar(_perturbed(pred, name, d), n1)[1]
                 ratio = None if value is None or base is None else value / base
                 sens.append(DStarSensitivity(n1=float(n1), param=name, delta=d, dstar=value, ratio_to_base=ratio))
-    return DStarReport(source=pred.source, units=Units(), rows=rows, sensitivity=sens,
-                       summary=_dstar_summary(rows, sens, delta))
+    summary = _dstar_summary(rows, sens, delta)
+    if pred.warnings:
+        summary = "caution, " + "; ".join(pred.warnings) + ". " + summary
+    return DStarReport(source=pred.source, units=Units(), rows=rows, sensitivity=sens, summary=summary,
+                       warnings=list(pred.warnings))
 
 
 def _dstar_summary(rows: list[DStarRow], sens: list[DStarSensitivity], delta: float) -> str:
@@ -222,8 +235,9 @@ def _dstar_summary(rows: list[DStarRow], sens: list[DStarSensitivity], delta: fl
         parts.append(f"where both exist, numeric D* / closed form ranges from {lo:.2f} to {hi:.2f}; "
                      f"closest at N1 = {best.n1:.3g} ({best.dstar:.3g} vs {best.closed_form:.3g} tokens), "
                      f"farthest at N1 = {worst.n1:.3g} ({worst.dstar:.3g} vs {worst.closed_form:.3g} tokens)")
+    span = range_text(DSTAR_RANGE)
     if missing:
-        parts.append("no crossing in 1e6-1e15 tokens (upcycling predicted better throughout) at N1 = "
+        parts.append(f"no crossing in {span} (upcycling predicted better throughout) at N1 = "
                      + ", ".join(f"{r.n1:.3g} (closest approach {r.closest_gap:.1e} nats at {r.closest_at:.3g} tokens; "
                                  f"closed form says {r.closed_form:.3g})" for r in missing))
     moves = [s for s in sens if s.ratio_to_base is not None]
@@ -235,6 +249,11 @@ def _dstar_summary(rows: list[DStarRow], sens: list[DStarSensitivity], delta: fl
     lost = [s for s in sens if s.dstar is None and any(r.n1 == s.n1 and r.dstar is not None for r in rows)]
     if lost:
         parts.append(f"{len(lost)} nudged parameter sets lose the crossing altogether")
+    gained = [s for s in sens if s.dstar is not None and any(r.n1 == s.n1 and r.dstar is None for r in rows)]
+    if gained:
+        at = sorted({s.n1 for s in gained})
+        parts.append(f"at N1 = {', '.join(f'{n:.3g}' for n in at)}, where the unchanged laws do not cross, "
+                     f"{len(gained)} of the {len([s for s in sens if s.n1 in at])} nudged parameter sets do")
     return "; ".join(parts) + "."
 
 
@@ -351,15 +370,21 @@ def advise(pred: Predictors, n1: float, d1: float, tokens: float | None = None, 
     if win is not None:
         reason += f"; it wins in {100 * win:.0f}% of {len(sample_losses)} bootstrap samples"
     if pred.upcycled and pred.moe and pred.upcycled_form == "joint":
-        _, first, _, _ = solve_dstar(pred, n1)
+        roots, first, closest, at = solve_dstar(pred, n1)
+        row = DStarRow(n1=n1, numeric=roots, dstar=first, closed_form=float(published.closed_form_dstar(n1)),
+                       ratio=None, closest_gap=closest, closest_at=at)
         if first is not None:
             reason += (f"; for reference D*(N1) = {first:.3g} tokens (an MoE from scratch on D tokens matches "
                        f"upcycling with D1 = D2 = D; here D1 = {d1:.3g}, D2 = {moe_tokens:.3g})")
+        else:
+            reason += f"; for reference D*(N1): {row.crossing_text(DSTAR_RANGE)}"
     missing = [s for s in STRATEGIES if point[s] is None]
     if missing:
         reason += f"; not compared (no law): {', '.join(missing)}"
+    if pred.warnings:
+        reason += "; caution, " + "; ".join(pred.warnings)
     return Advice(recommendation=best, reason=reason, n1=float(n1), d1=float(d1), budget=budget,
-                  options=options, win_fraction=win, laws=pred.source)
+                  options=options, win_fraction=win, laws=pred.source, warnings=list(pred.warnings))
 
 
 def advise_from_result(result, n1: float, d1: float, tokens: float | None = None, flops: float | None = None,

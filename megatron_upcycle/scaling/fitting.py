@@ -155,6 +155,22 @@ class LawFitter:
         top = T.max(axis=0)
         return top + np.log(np.exp(T - top).sum(axis=0))
 
+    def jacobian(self, theta_free: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """At ``theta_free``: d ln L / d theta (rows, free params), the IRLS weights of the Huber
+        loss (1 inside delta, delta/|r| outside) and each term's median share of the loss."""
+        c = self.offsets()
+        T = (self.F_free @ theta_free).reshape(self.K, self.n) + c
+        top = T.max(axis=0)
+        e = np.exp(T - top)
+        S = e.sum(axis=0)
+        r = top + np.log(S) - self.log_y
+        delta = self.options.huber_delta
+        weights = np.minimum(1.0, delta / np.maximum(np.abs(r), 1e-300))
+        J = np.einsum("kn,knp->np", e / S, self.F_free.reshape(self.K, self.n, -1))
+        shares = np.array([np.median((e / S)[k][np.isfinite(c[k])]) if np.isfinite(c[k]).any() else 0.0
+                           for k in range(self.K)])
+        return J, weights, shares
+
     def _whitening(self, theta: np.ndarray, c: np.ndarray, w: np.ndarray) -> np.ndarray:
         """R with phi = R theta making the objective ~ |phi - phi*|^2 / 2 near theta.
 

@@ -1,8 +1,14 @@
 """results.csv in (validated, one clear line per mistake) and fit records out as JSON.
 
-The results table is the contract with the sweep: columns run_id, kind, model,
-E, k, N1, N2, Ntotal, D1, D2, tokens, FLOPs, val_loss; empty cells mean "not
-applicable"; every D is tokens, every N parameters, val_loss in nats.
+The results table is the contract with the sweep and with other tools (written
+out in docs/results-table.md, with docs/examples/results_example.csv): columns
+run_id, kind, model, E, k, N1, N2, Ntotal, D1, D2, tokens, FLOPs, val_loss;
+empty cells mean "not applicable"; every D is tokens, every N parameters,
+val_loss in nats. Tables from elsewhere are read as they are written: E and k
+may be 0 on dense rows, kind ``upcycle`` (the engine's word) means ``upcycled``,
+``columns`` renames a user's headers and ``tokens_unit`` converts D columns
+given in thousands, millions or billions of tokens. Each such reading is said
+in ``ResultsTable.notes``, one line each.
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from megatron_upcycle.errors import UserError
+from megatron_upcycle.run_kinds import FIT_KIND
 
 COLUMNS = ("run_id", "kind", "model", "E", "k", "N1", "N2", "Ntotal", "D1", "D2", "tokens", "FLOPs", "val_loss")
 NUMERIC = ("E", "k", "N1", "N2", "Ntotal", "D1", "D2", "tokens", "FLOPs", "val_loss")
@@ -31,6 +38,12 @@ REQUIRED = {
     "upcycled": ("D1", "D2", "N1", "N2", "Ntotal", "val_loss"),
     "cpt": ("D1", "D2", "N1", "val_loss"),
 }
+# Columns that only apply to MoE rows: on dense-model rows "0" means "not applicable" too.
+MOE_ONLY = ("E", "k")
+DENSE_MODEL_KINDS = ("dense", "cpt")
+# Token columns and the multipliers ``tokens_unit`` accepts (the paper's tables give billions).
+TOKEN_COLUMNS = ("D1", "D2", "tokens")
+TOKEN_UNITS = {"tokens": 1.0, "thousands": 1e3, "millions": 1e6, "billions": 1e9}
 UNIT = {"E": "experts", "k": "experts per token", "N1": "parameters", "N2": "parameters",
         "Ntotal": "parameters", "D1": "tokens", "D2": "tokens", "tokens": "tokens", "FLOPs": "FLOPs",
         "val_loss": "nats"}
@@ -45,6 +58,7 @@ class ResultsTable:
     kind: tuple[str, ...]
     model: tuple[str, ...]
     values: dict[str, np.ndarray]
+    notes: tuple[str, ...] = ()  # how the table was read: renamed columns, unit conversion, kind spellings
 
     def __len__(self) -> int:
         return len(self.run_id)
@@ -56,19 +70,73 @@ class ResultsTable:
         return np.array([k == kind for k in self.kind], dtype=bool)
 
 
-def read_results(path: str | os.PathLike) -> ResultsTable:
-    """Read and validate results.csv; any problem is a one-line UserError naming row and column."""
+def parse_column_map(text: str | None) -> dict[str, str]:
+    """``"loss=val_loss,n_params=N1"`` -> {"loss": "val_loss", "n_params": "N1"}; a bad item is a UserError."""
+    if not text:
+        return {}
+    mapping: dict[str, str] = {}
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        old, sep, new = (part.strip() for part in item.partition("="))
+        if not sep or not old or not new:
+            raise UserError(f"--columns: '{item}' is not OLD=NEW (e.g. --columns loss=val_loss,params=N1)")
+        if new not in COLUMNS:
+            raise UserError(f"--columns: '{new}' (for '{old}') is not a results-table column; "
+                            f"they are {', '.join(COLUMNS)}")
+        if old in mapping:
+            raise UserError(f"--columns: '{old}' is mapped twice")
+        if new in mapping.values():
+            raise UserError(f"--columns: two columns are mapped to '{new}'")
+        mapping[old] = new
+    return mapping
+
+
+def tokens_multiplier(unit: str) -> float:
+    """Tokens per unit of the D columns (``tokens_unit``); an unknown unit is a UserError."""
+    if unit not in TOKEN_UNITS:
+        raise UserError(f"--tokens-unit must be one of {', '.join(TOKEN_UNITS)}, got '{unit}'")
+    return TOKEN_UNITS[unit]
+
+
+def _rename_header(header: list[str], mapping: dict[str, str], path: Path) -> list[str]:
+    absent = [old for old in mapping if old not in header]
+    if absent:
+        raise UserError(f"--columns: {path.name} has no column {', '.join(repr(a) for a in absent)} "
+                        f"(its header: {', '.join(header)})")
+    clash = [new for old, new in mapping.items() if new in header and new not in mapping]
+    if clash:
+        raise UserError(f"--columns: {path.name} already has a column {clash[0]!r}; map that one too or "
+                        f"choose another target")
+    return [mapping.get(h, h) for h in header]
+
+
+def read_results(path: str | os.PathLike, columns: dict[str, str] | None = None,
+                 tokens_unit: str = "tokens") -> ResultsTable:
+    """Read and validate results.csv; any problem is a one-line UserError naming row and column.
+
+    ``columns`` maps the table's own header names to the contract's (old -> new);
+    ``tokens_unit`` ("thousands", "millions", "billions") says what one unit of the
+    D1, D2 and tokens columns is: they are converted to tokens on read.
+    """
     path = Path(path)
+    mapping = dict(columns or {})
+    scale = tokens_multiplier(tokens_unit)
     if not path.is_file():
         raise UserError(f"results table not found: {path}")
     text = _read_text(path, "results table")
     try:
         reader = csv.DictReader(io.StringIO(text, newline=""))
         header = [h.strip() for h in (reader.fieldnames or [])]
+        if mapping:
+            header = _rename_header(header, mapping, path)
+            reader.fieldnames = header
         missing = [c for c in COLUMNS if c not in header]
         if missing:
+            hint = "" if mapping else "; map other names with --columns OLD=NEW,..."
             raise UserError(f"{path}: missing column(s) {', '.join(missing)}; "
-                            f"a results table needs {', '.join(COLUMNS)}")
+                            f"a results table needs {', '.join(COLUMNS)}{hint}")
         raw_rows = []
         for row in reader:
             # DictReader puts the cells past the header under the key None (a list):
@@ -85,6 +153,7 @@ def read_results(path: str | os.PathLike) -> ResultsTable:
     run_ids, kinds, models = [], [], []
     values = {c: np.full(len(raw_rows), np.nan) for c in NUMERIC}
     seen: dict[str, int] = {}
+    respelled: list[int] = []  # lines whose kind was the engine's spelling
     for i, row in enumerate(raw_rows):
         line = i + 2  # header is line 1
         run_id = row["run_id"] or f"row{line}"
@@ -93,8 +162,13 @@ def read_results(path: str | os.PathLike) -> ResultsTable:
             raise UserError(f"{where}: run_id appears twice (first on line {seen[run_id]})")
         seen[run_id] = line
         kind = row["kind"]
+        if kind not in KINDS and FIT_KIND.get(kind) in KINDS:
+            kind = FIT_KIND[kind]  # "upcycle": the run kind's name; the table's is "upcycled"
+            respelled.append(line)
         if kind not in KINDS:
-            raise UserError(f"{where}: kind '{kind}' is not one of {', '.join(KINDS)}")
+            spellings = sorted(set(KINDS) | {k for k, v in FIT_KIND.items() if v != k})
+            raise UserError(f"{where}: kind '{kind}' is not one of {', '.join(KINDS)} "
+                            f"(accepted spellings: {', '.join(spellings)})")
         for col in NUMERIC:
             text = row[col]
             if text == "":
@@ -103,6 +177,10 @@ def read_results(path: str | os.PathLike) -> ResultsTable:
                 value = float(text)
             except ValueError:
                 raise UserError(f"{where}: {col} = '{text}' is not a number ({UNIT[col]})") from None
+            if col in MOE_ONLY and kind in DENSE_MODEL_KINDS and value == 0:
+                continue  # a dense model has no experts: 0 is "not applicable", as an empty cell
+            if col in TOKEN_COLUMNS:
+                value *= scale
             if not math.isfinite(value) or value <= 0:
                 raise UserError(f"{where}: {col} = {text} must be a positive finite number ({UNIT[col]})")
             values[col][i] = value
@@ -115,7 +193,27 @@ def read_results(path: str | os.PathLike) -> ResultsTable:
         run_ids.append(run_id)
         kinds.append(kind)
         models.append(row["model"])
-    return ResultsTable(path=str(path), run_id=tuple(run_ids), kind=tuple(kinds), model=tuple(models), values=values)
+    notes = []
+    if mapping:
+        notes.append("columns renamed on read: " + ", ".join(f"{o} -> {n}" for o, n in mapping.items()))
+    if scale != 1.0:
+        notes.append(f"D1, D2 and tokens read in {tokens_unit} of tokens and converted to tokens (x {scale:g})")
+    if respelled:
+        notes.append(f"kind 'upcycle' read as 'upcycled' on {len(respelled)} row(s) ({_lines(respelled)})")
+    return ResultsTable(path=str(path), run_id=tuple(run_ids), kind=tuple(kinds), model=tuple(models), values=values,
+                        notes=tuple(notes))
+
+
+def _lines(lines: list[int]) -> str:
+    """[2, 3, 4, 7] -> "lines 2-4, 7"."""
+    spans: list[list[int]] = []
+    for n in lines:
+        if spans and n == spans[-1][1] + 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    text = ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in spans)
+    return ("lines " if len(lines) > 1 else "line ") + text
 
 
 def _read_text(path: Path, what: str) -> str:

@@ -163,7 +163,8 @@ def to_internal(law: Law, values: dict[str, float]) -> np.ndarray:
 def to_natural(law: Law, theta: np.ndarray) -> dict[str, float]:
     """Internal vector -> named natural parameters."""
     amps = set(law.amplitudes)
-    return {p: float(np.exp(v)) if p in amps else float(v) for p, v in zip(law.params, theta)}
+    with np.errstate(over="ignore"):  # an unidentified amplitude can run off to inf; identification.py says so
+        return {p: float(np.exp(v)) if p in amps else float(v) for p, v in zip(law.params, theta)}
 
 
 def predict(law: Law, values: dict[str, float], columns: dict[str, np.ndarray]) -> np.ndarray:

@@ -4,8 +4,11 @@
   chosen D1-D2 form (solid) and the joint law (dashed), log-log.
 - exponent_vs_lnd1.png: fitted D2 exponent a2 - a3 ln D1 against ln D1 with its
   bootstrap band, and local slopes read off the data at each D1.
-- predicted_vs_observed.png: in-sample and leave-one-out predictions.
-- dstar_vs_n1.png: D*(N1) numeric and closed form, with the +/-0.0005 band.
+- predicted_vs_observed.png: in-sample and leave-one-out predictions; the runs
+  that decide a family's choice (influential, selection.py) are named.
+- dstar_vs_n1.png: D*(N1) numeric and closed form, with the +/-0.0005 band (its
+  label says where only some nudges cross); N1 values without a crossing are
+  marked with a triangle above the curves.
 """
 from __future__ import annotations
 
@@ -52,6 +55,13 @@ def _rows(table: ResultsTable, run_ids: list[str]) -> np.ndarray:
 def _chosen_d1d2(result: AnalysisResult) -> list[LawFit]:
     chosen = {(s.subset, s.chosen) for s in result.selections if s.family == "d1d2"}
     return [f for f in result.fits if (f.subset, f.form) in chosen]
+
+
+def _label(text: str, width: int = 48) -> str:
+    """A legend label wrapped onto lines of ``width`` characters, never cut."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width)) or text
 
 
 def _note(ax, text: str) -> None:
@@ -149,6 +159,7 @@ def plot_predicted_vs_observed(result: AnalysisResult, table: ResultsTable, path
     fig = _figure(11.0, 4.8)
     ax, res_ax = fig.subplots(1, 2)
     chosen = {(s.subset, s.chosen) for s in result.selections}
+    influential = {(s.family, s.subset): s.influential for s in result.selections}
     families = {f.family for f in result.fits}
     shown = [f for f in result.fits
              if (f.subset, f.form) in chosen or f.family in families - {"d1d2", "config"}]
@@ -157,12 +168,17 @@ def plot_predicted_vs_observed(result: AnalysisResult, table: ResultsTable, path
         observed = table.col("val_loss")[_rows(table, fit.run_ids)]
         fitted = np.array([fit.fitted[r] for r in fit.run_ids])
         color = f"C{i % 10}"
-        ax.plot(observed, fitted, "o", color=color, ms=4, label=f"{fit.form} ({fit.subset[:40]})")
+        ax.plot(observed, fitted, "o", color=color, ms=4, label=_label(f"{fit.form} ({fit.subset})"))
         res_ax.plot(observed, fitted - observed, "o", color=color, ms=4)
         if fit.loo:
             loo_error = np.array([fit.loo.errors[r] for r in fit.run_ids])
             ax.plot(observed, observed + loo_error, "x", color=color, ms=4)
             res_ax.plot(observed, loo_error, "x", color=color, ms=4)
+            named = influential.get((fit.family, fit.subset), []) if (fit.subset, fit.form) in chosen else []
+            for run_id in named:  # the runs that decide the choice (selection.py), by name
+                j = fit.run_ids.index(run_id)
+                res_ax.annotate(run_id, (observed[j], loo_error[j]), fontsize=6, color=color,
+                                xytext=(3, 3), textcoords="offset points")
             lo, hi = min(lo, (observed + loo_error).min()), max(hi, (observed + loo_error).max())
         lo, hi = min(lo, observed.min(), fitted.min()), max(hi, observed.max(), fitted.max())
     if shown:
@@ -177,6 +193,11 @@ def plot_predicted_vs_observed(result: AnalysisResult, table: ResultsTable, path
 
 
 def plot_dstar(result: AnalysisResult, path: Path) -> Path:
+    return _save(dstar_figure(result), path)
+
+
+def dstar_figure(result: AnalysisResult):
+    """The D*(N1) figure (unsaved): curves, bands, and marks where the laws do not cross."""
     fig = _figure()
     ax = fig.subplots()
     paper = result.dstar_paper
@@ -185,14 +206,22 @@ def plot_dstar(result: AnalysisResult, path: Path) -> Path:
     num = [(r.n1, r.dstar) for r in paper.rows if r.dstar is not None]
     if num:
         ax.loglog(*zip(*num), "o-", color="C0", label="numeric, paper Table 2 parameters")
-    band = {}
+    _no_crossing_marks(ax, paper.rows, "C0", "paper parameters")
+    band: dict[float, list[float]] = {}
+    tried: dict[float, int] = {}
     for s in paper.sensitivity:
+        tried[s.n1] = tried.get(s.n1, 0) + 1
         if s.dstar is not None:
             band.setdefault(s.n1, []).append(s.dstar)
     if band:
         xs = sorted(band)
+        partial = [x for x in xs if len(band[x]) < tried[x]]
+        label = f"a1 or a2 nudged by +/-{abs(paper.sensitivity[0].delta):g}"
+        if partial:
+            label += (f"; at N1 = {', '.join(f'{x:.2g}' for x in partial)} only "
+                      f"{', '.join(f'{len(band[x])}' for x in partial)} of {tried[partial[0]]} nudges cross")
         ax.fill_between(xs, [min(band[x]) for x in xs], [max(band[x]) for x in xs], color="C0", alpha=0.15,
-                        label="a1 or a2 nudged by +/-0.0005")
+                        label=_label(label))
     if result.dstar_fitted is not None:
         rows = [r for r in result.dstar_fitted.rows if r.dstar is not None]
         if rows:
@@ -201,11 +230,27 @@ def plot_dstar(result: AnalysisResult, path: Path) -> Path:
             if ci:
                 ax.fill_between([r.n1 for r in ci], [r.ci_low for r in ci], [r.ci_high for r in ci], color="C3",
                                 alpha=0.15, label="fitted, 95% bootstrap")
+        _no_crossing_marks(ax, result.dstar_fitted.rows, "C3", "fitted laws")
+        if result.dstar_fitted.warnings:
+            ax.text(0.01, 0.01, _label("caution: " + "; ".join(result.dstar_fitted.warnings), 90),
+                    transform=ax.transAxes, fontsize=6, va="bottom", color="C3")
     ax.set_xlabel("N1 (dense parameters)")
     ax.set_ylabel("D* (tokens)")
     ax.set_title("Upcycling beats an MoE from scratch below D*", fontsize=9)
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return fig
+
+
+def _no_crossing_marks(ax, rows, color: str, what: str) -> None:
+    """N1 values where the laws do not cross: an upward triangle at the top of the search range."""
+    from megatron_upcycle.scaling.derived import DSTAR_RANGE
+    from megatron_upcycle.scaling.records import range_text
+
+    missing = [r.n1 for r in rows if r.dstar is None]
+    if missing:
+        top = max([r.closed_form for r in rows] + [r.dstar for r in rows if r.dstar is not None]) * 3
+        ax.loglog(missing, [top] * len(missing), "^", color=color, ms=7, linestyle="none",
+                  label=_label(f"no crossing in {range_text(DSTAR_RANGE)} ({what})"))
 
 
 def write_all(directory: str | os.PathLike, result: AnalysisResult, table: ResultsTable) -> list[Path]:

@@ -24,6 +24,23 @@ class ParamEstimate:
     std: float | None = None  # bootstrap standard deviation
     jackknife_se: float | None = None  # from the leave-one-out refits; every fitted form has it
     fixed: bool = False  # held at a value from another fit (the joint law's E)
+    identified: bool = True  # False: the runs do not pin it down (LawFit.identification says why)
+
+
+@dataclass
+class IdentificationFlag:
+    """One parameter the runs do not pin down, and which check says so.
+
+    source: "design" (too few distinct values of a variable for the form, checked
+    before fitting), "starts" (starts at the same objective disagree), "hessian"
+    (the objective is flat along a combination of parameters), "bootstrap" (the
+    interval is wider than twice the value) or "fixed" (held at a value from a fit
+    where it is itself not identified).
+    """
+
+    param: str
+    source: str
+    detail: str
 
 
 @dataclass
@@ -51,6 +68,7 @@ class LooSummary:
     errors: dict[str, float]  # run_id -> error
     n_bfgs_runs: int
     jackknife_se: dict[str, float] = field(default_factory=dict)  # parameter -> jackknife standard error
+    median_abs: float | None = None  # median |LOO error|: a robust criterion beside the RMS (nats)
 
 
 @dataclass
@@ -83,6 +101,24 @@ class LawFit:
     bootstrap: BootstrapSummary | None = None
     n1: float | None = None  # dense size N1 (parameters) when the subset is one model
     notes: list[str] = field(default_factory=list)
+    identification: list[IdentificationFlag] = field(default_factory=list)  # empty: every parameter identified
+
+    def unidentified(self) -> list[str]:
+        """Names of the parameters some check says the runs do not pin down, in parameter order."""
+        flagged = {f.param for f in self.identification}
+        return [p.name for p in self.params if p.name in flagged]
+
+    def identification_line(self) -> str | None:
+        """One line: which parameters are not identified and why (None when all are)."""
+        names = self.unidentified()
+        if not names:
+            return None
+        groups: dict[tuple[str, str], list[str]] = {}
+        for flag in self.identification:
+            groups.setdefault((flag.source, flag.detail), []).append(flag.param)
+        reasons = [f"{source} ({', '.join(dict.fromkeys(params))}): {detail}"
+                   for (source, detail), params in groups.items()]
+        return f"`{self.form}` [{self.subset}]: {', '.join(names)} not identified; " + "; ".join(reasons)
 
     @property
     def law(self) -> Law:
@@ -140,14 +176,37 @@ class SkippedForm:
 
 
 @dataclass
+class PointInfluence:
+    """One run's part in a family's choice: its held-out error under each form and the
+    choice when it is removed from the comparison."""
+
+    run_id: str
+    loo_error: dict[str, float]  # form -> held-out error (predicted - observed, nats)
+    chosen_without: str  # the form LOO RMS chooses when this run's held-out errors are dropped
+    influential: bool  # removing it changes the choice, or its error is far outside the others'
+
+
+@dataclass
 class Selection:
-    """The form chosen by leave-one-out RMS among the candidates of one family on one subset."""
+    """The form chosen by leave-one-out RMS among the candidates of one family on one subset,
+    beside the robust choice (mean Huber loss of the held-out errors) and the runs that decide it."""
 
     family: str
     subset: str
     chosen: str
     loo_rms: dict[str, float]  # form -> LOO RMS (nats)
     margin: float  # second-best LOO RMS minus the best (nats)
+    loo_median_abs: dict[str, float] = field(default_factory=dict)  # form -> median |LOO error| (nats)
+    loo_huber: dict[str, float] = field(default_factory=dict)  # form -> mean Huber loss of held-out errors
+    huber_delta: float | None = None  # nats: 1.345 x 1.4826 x median |held-out error| over all forms
+    robust_chosen: str | None = None  # the form with the smallest held-out Huber loss
+    points: list[PointInfluence] = field(default_factory=list)
+    influential: list[str] = field(default_factory=list)  # run_ids, most influential first
+    verdict: str = ""  # one sentence: do the criteria agree, which runs decide the choice
+
+    @property
+    def criteria_agree(self) -> bool:
+        return self.robust_chosen is None or self.robust_chosen == self.chosen
 
 
 @dataclass
@@ -163,6 +222,24 @@ class DStarRow:
     closest_at: float
     ci_low: float | None = None
     ci_high: float | None = None
+
+    def crossing_text(self, d_range: tuple[float, float]) -> str:
+        """D* in words: the value, or what happens when the curves do not cross in ``d_range``."""
+        if self.dstar is not None:
+            return f"{self.dstar:.3g} tokens"
+        span = range_text(d_range)
+        if self.numeric:
+            return f"no crossing where upcycling stops paying in {span} (an MoE from scratch is better below " \
+                   f"{self.numeric[0]:.3g} tokens)"
+        return f"no crossing in {span} (closest approach {self.closest_gap:.1e} nats at {self.closest_at:.3g} tokens)"
+
+
+def range_text(d_range: tuple[float, float]) -> str:
+    """(1e6, 1e15) -> "1e6-1e15 tokens"."""
+    def short(x: float) -> str:
+        mantissa, exponent = f"{x:.0e}".split("e")
+        return f"{mantissa}e{int(exponent)}"
+    return f"{short(d_range[0])}-{short(d_range[1])} tokens"
 
 
 @dataclass
@@ -183,6 +260,7 @@ class DStarReport:
     rows: list[DStarRow]
     sensitivity: list[DStarSensitivity]
     summary: str  # where and by how much numeric and closed form differ
+    warnings: list[str] = field(default_factory=list)  # laws built on parameters the runs do not identify
 
 
 @dataclass
@@ -206,6 +284,7 @@ class Advice:
     win_fraction: float | None  # share of bootstrap samples in which the recommendation wins
     laws: str  # which fits produced the predictions
     units: Units = field(default_factory=Units)
+    warnings: list[str] = field(default_factory=list)  # laws built on parameters the runs do not identify
 
 
 @dataclass
@@ -257,6 +336,15 @@ class AnalysisResult:
     n_bfgs_iterations: int
     seconds: float
     notes: list[str] = field(default_factory=list)
+    read_notes: list[str] = field(default_factory=list)  # how the table was read (renamed columns, units, kinds)
+
+    def identification_notes(self) -> list[str]:
+        """One line per fit with parameters the runs do not identify (for reports and the CLI)."""
+        return [line for line in (f.identification_line() for f in self.fits) if line]
+
+    def influence_lines(self) -> list[str]:
+        """One sentence per selection: whether RMS and the robust criterion agree, which runs decide."""
+        return [f"{s.family}, {s.subset}: {s.verdict}" for s in self.selections if s.verdict]
 
     def fit(self, form: str, subset_contains: str = "") -> LawFit | None:
         for f in self.fits:

@@ -10,7 +10,7 @@ import os
 from megatron_upcycle.atomic import write_text_atomic
 from megatron_upcycle.scaling import published
 from megatron_upcycle.scaling.derived import DSTAR_RANGE
-from megatron_upcycle.scaling.records import AnalysisResult, DStarReport, LawFit
+from megatron_upcycle.scaling.records import AnalysisResult, DStarReport, LawFit, range_text
 
 
 def g(x, digits: int = 4) -> str:
@@ -45,18 +45,42 @@ def _header(result: AnalysisResult) -> list[str]:
 def loo_markdown(result: AnalysisResult) -> str:
     lines = ["# Scaling-law fits: leave-one-out comparison", ""] + _header(result) + [""]
     lines += ["## Forms by leave-one-out RMS (nats)", "",
-              "| family | subset | form | runs | free params | LOO RMS | max abs LOO error | in-sample RMS | chosen |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "Chosen by LOO RMS. Beside it, a robust criterion: the mean Huber loss of the held-out errors, "
+              "delta = 1.345 x 1.4826 x their median |error| over the forms (quadratic for ordinary errors, "
+              "linear for a run far outside them, so one bad run cannot decide it). Influential runs: dropping "
+              "one changes the choice, or its held-out error is more than 5x the median.", "",
+              "| family | subset | form | runs | free params | LOO RMS | held-out Huber (nats^2) | median abs LOO error | "
+              "max abs LOO error | in-sample RMS | chosen | influential runs |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     chosen = {(s.subset, s.chosen) for s in result.selections}
+    by_subset = {(s.family, s.subset): s for s in result.selections}
     for f in sorted(result.fits, key=lambda f: (f.family, f.subset, f.loo.rms if f.loo else 0)):
         free = sum(not p.fixed for p in f.params)
+        sel = by_subset.get((f.family, f.subset))
         mark = "**yes**" if (f.subset, f.form) in chosen else ""
+        if sel is not None and sel.robust_chosen == f.form and not sel.criteria_agree:
+            mark += " (robust choice)"
+        named = ", ".join(sel.influential) if sel is not None and (f.subset, f.form) in chosen else ""
+        median = f.loo.median_abs if f.loo else None
+        huber = sel.loo_huber.get(f.form) if sel is not None else None
         lines.append(f"| {f.family} | {f.subset} | `{f.form}` | {f.n_points} | {free} | {g(f.loo.rms)} | "
-                     f"{g(f.loo.max_abs)} | {g(f.rms_in_sample)} | {mark} |")
+                     f"{g(huber)} | {g(median)} | {g(f.loo.max_abs)} | {g(f.rms_in_sample)} | {mark.strip()} | "
+                     f"{named or '-'} |")
     for s in result.selections:
         if s.margin == s.margin:
             lines.append(f"\n{s.family}, {s.subset}: `{s.chosen}` chosen, LOO RMS lower than the runner-up "
                          f"by {s.margin:.2g} nats.")
+        if s.verdict:
+            lines.append(f"Criteria and influence: {s.verdict}")
+    lines += _influence_sections(result)
+    unidentified = result.identification_notes()
+    if unidentified:
+        lines += ["", "## Parameters the runs do not identify", "",
+                  "Checks: the design (distinct values per variable against the form's exponents and offset), "
+                  "the starts (same objective, different parameters), the Hessian's condition and the bootstrap "
+                  "interval. Read these parameters as undetermined, and anything built on them (the joint law's "
+                  "fixed E, D*, compute-optimal, the advice) with the same caution.", ""]
+        lines += [f"- {line}" for line in unidentified]
     lines += ["", "## Parameters (value with its uncertainty)", "",
               "Bootstrap intervals for the forms chosen by leave-one-out and those D* uses; jackknife standard "
               "errors (from the leave-one-out refits) for every form. Wide intervals at the same objective "
@@ -79,16 +103,35 @@ def loo_markdown(result: AnalysisResult) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _influence_sections(result: AnalysisResult) -> list[str]:
+    """Per run of each compared subset: its held-out error under every form and the choice without it."""
+    lines = []
+    for s in result.selections:
+        if not s.points:
+            continue
+        forms = list(s.points[0].loo_error)
+        lines += ["", f"### Leave-one-out error per run: {s.family}, {s.subset}", "",
+                  "Held-out error (predicted - observed, nats) under each form; \"chosen without it\": the form "
+                  "LOO RMS picks when that run's held-out errors are dropped from the comparison.", "",
+                  "| run | " + " | ".join(f"`{f}`" for f in forms) + " | chosen without it | influential |",
+                  "|---|" + "---|" * len(forms) + "---|---|"]
+        for p in s.points:
+            lines.append(f"| {p.run_id} | " + " | ".join(f"{p.loo_error[f]:+.3g}" for f in forms)
+                         + f" | `{p.chosen_without}` | {'**yes**' if p.influential else ''} |")
+    return lines
+
+
 def _fit_section(f: LawFit) -> list[str]:
     s = f.starts
     grid = "; ".join(f"{k} in {{{', '.join(f'{v:g}' for v in vals)}}}" for k, vals in s.grid.items())
     lines = [f"### `{f.form}`: {f.subset}", "", f"{f.formula}  ({f.units.describe()})", "",
-             "| parameter | value | bootstrap interval | bootstrap std | jackknife SE | spread over agreeing starts |",
-             "|---|---|---|---|---|---|"]
+             "| parameter | value | bootstrap interval | bootstrap std | jackknife SE | spread over agreeing starts | "
+             "identified |",
+             "|---|---|---|---|---|---|---|"]
     for p in f.params:
         spread = "fixed" if p.fixed else g(s.param_spread.get(p.name), 2)
         lines.append(f"| {p.name} | {g(p.value, 5)} | {_ci(p.ci_low, p.ci_high)} | {g(p.std, 2)} | "
-                     f"{g(p.jackknife_se, 2)} | {spread} |")
+                     f"{g(p.jackknife_se, 2)} | {spread} | {'yes' if p.identified else '**no**'} |")
     lines += ["", f"Starts: {s.n_grid_points} grid points ({grid}); BFGS from the best {s.n_bfgs_runs}; "
                   f"{s.n_agreeing} reached the best objective {s.best_objective:.6g} (worst {s.worst_objective:.6g}); "
                   f"{s.n_converged} met the gradient tolerance, the rest stopped on line-search precision."]
@@ -96,6 +139,9 @@ def _fit_section(f: LawFit) -> list[str]:
         lines.append(f"Bootstrap: {f.bootstrap.n_samples - f.bootstrap.n_failed} of {f.bootstrap.n_samples} "
                      f"resamples fitted.")
     lines += [f"Note: {n}" for n in f.notes]
+    line = f.identification_line()
+    if line:
+        lines.append(f"Not identified: {line.split(': ', 1)[1]}")
     return lines + [""]
 
 
@@ -104,7 +150,7 @@ def dstar_markdown(result: AnalysisResult) -> str:
              "D*(N1) solves L_moe(D) = L_upc(D1 = D, D2 = D): an MoE trained from scratch on D tokens matches an "
              "MoE upcycled from a dense model of size N1 trained on D tokens and then trained D more. Below the "
              "first crossing upcycling is predicted better. Solved numerically (log grid plus Brent) over "
-             f"{DSTAR_RANGE[0]:.0e}-{DSTAR_RANGE[1]:.0e} tokens; the paper's closed form is "
+             f"{range_text(DSTAR_RANGE)}; the paper's closed form is "
              "D* ~= 4 (N1/1e9)^(-0.7 + 0.04 ln(N1/1e9)) billion tokens. Units: D in tokens, N1 in parameters, "
              "losses in nats.", ""]
     lines += ["## With the paper's published joint-law parameters", "",
@@ -122,7 +168,10 @@ def dstar_markdown(result: AnalysisResult) -> str:
         lines += ["Not available: needs the joint law (two or more model sizes) and the dense + MoE fit "
                   "(see loo.md, skipped forms).", ""]
     else:
-        lines += [f"Laws: {result.dstar_fitted.source}.", ""] + _dstar_tables(result.dstar_fitted, with_ci=True)
+        lines += [f"Laws: {result.dstar_fitted.source}.", ""]
+        lines += [f"**Caution**: {w}." for w in result.dstar_fitted.warnings]
+        lines += [""] if result.dstar_fitted.warnings else []
+        lines += _dstar_tables(result.dstar_fitted, with_ci=True)
     lines += ["## Compute-optimal upcycling", "",
               f"Minimise L(D1, D2, N1) at fixed sunk D1 subject to C2 = 6 N2 D2 with N2 = ratio * N1 "
               f"(ratio = N2/N1 of the configuration; {result.n2_over_n1:.4g} in this table, 1.75 for the paper's "
@@ -148,7 +197,7 @@ def _dstar_tables(rep: DStarReport, with_ci: bool) -> list[str]:
     sep += "---|---|---|---|"
     lines = [head, sep]
     for r in rep.rows:
-        row = f"| {g(r.n1, 3)} | {g(r.dstar, 3) if r.dstar is not None else 'none'} |"
+        row = f"| {g(r.n1, 3)} | {g(r.dstar, 3) if r.dstar is not None else 'none in ' + range_text(DSTAR_RANGE)} |"
         if with_ci:
             row += f" {_ci(r.ci_low, r.ci_high)} |"
         row += (f" {', '.join(g(x, 3) for x in r.numeric) or '-'} | {g(r.closed_form, 3)} | {g(r.ratio, 3)} | "
