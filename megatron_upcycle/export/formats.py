@@ -56,8 +56,10 @@ class MegatronRouting:
 def megatron_routing(model: ModelConfig, moe: MoEConfig) -> MegatronRouting:
     """The routing of the Megatron model built for (model, moe)."""
     from megatron_upcycle.backend import select_backend
+    from megatron_upcycle.logging_setup import quiet_megatron
     from megatron_upcycle.models import transformer_config
 
+    quiet_megatron()  # importing megatron.core warns that TE/Apex are absent
     config = transformer_config(model, moe, select_backend(force_cpu=True))
     freq = config.moe_layer_freq
     pattern = tuple(freq) if isinstance(freq, list) else tuple(
