@@ -103,9 +103,12 @@ def test_qwen2_moe_can_also_express_what_mixtral_does(megatron_cpu, tmp_path):
     result = export_hf(state_of(gpt), model, moe, tmp_path / "hf", fmt="qwen2_moe")
     assert result.architecture == "Qwen2MoeForCausalLM" and result.reason == "requested"
     config = json.loads((result.out / "config.json").read_text())
-    assert config["norm_topk_prob"] is True and config["shared_expert_intermediate_size"] == 0
+    # No shared expert: one neuron of zeros, adding exactly 0 (zero-wide would break vLLM's loader).
+    assert config["norm_topk_prob"] is True and config["shared_expert_intermediate_size"] == 1
     toks = tokens(seed=2)
     assert (hf_logits(result.out, toks) - megatron_logits(gpt, toks)).abs().max().item() <= 1e-4
+    shared = transformers.AutoModelForCausalLM.from_pretrained(result.out).model.layers[0].mlp.shared_expert
+    assert all(not p.any() for p in shared.parameters())
 
 
 def test_qwen2_moe_config_and_shared_expert_gate(megatron_cpu, tmp_path):
@@ -350,6 +353,8 @@ def test_cli_refuses_before_loading(tmp_path):
         "upcycle: error: cannot export to MixtralForCausalLM (--format mixtral): Mixtral has no shared expert "
         "(moe.shared_expert=true)"
     ]
+    unknown = run_cli("export-hf", str(ckpt), str(tmp_path / "hf"), "--format", "mistral")
+    assert unknown.returncode == 2 and "invalid choice: 'mistral'" in unknown.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "hf").exists()
 
 

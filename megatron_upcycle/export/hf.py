@@ -123,9 +123,10 @@ def hf_config(model: ModelConfig, moe: MoEConfig | None, fmt: str | None = None,
     return Qwen2MoeConfig(
         intermediate_size=model.ffn_hidden_size,  # the MLP of the layers that stay dense
         moe_intermediate_size=moe.expert_ffn_hidden_size(model),
-        # No shared expert: a zero-width one (its output is exactly 0); every
-        # Qwen2-MoE implementation builds the module, vLLM skips it at width 0.
-        shared_expert_intermediate_size=routing.shared_expert_size or 0,
+        # No shared expert: one neuron wide, all weights zero, so it adds exactly 0.
+        # Not zero-wide: transformers would load that, but vLLM then builds no shared
+        # expert and fails on the (empty) weights in the files.
+        shared_expert_intermediate_size=routing.shared_expert_size or 1,
         num_experts=moe.num_experts,
         num_experts_per_tok=moe.topk,
         # Top-k-then-softmax == softmax, top-k, renormalise; softmax-then-top-k: no renormalisation.
@@ -202,6 +203,7 @@ def megatron_to_hf(
     groups = model.num_query_groups or heads
     hd = d // heads
     pattern = moe.layer_pattern(model.num_layers) if moe is not None else [0] * model.num_layers
+    shared_size = megatron_routing(model, moe).shared_expert_size if fmt == "qwen2_moe" else None
     out: dict[str, torch.Tensor] = {}
 
     out["model.embed_tokens.weight"] = src.take("embedding.word_embeddings.weight", (V, d))
@@ -236,7 +238,7 @@ def megatron_to_hf(
             [src.take(f"{experts}{e}.linear_fc2.weight", (d, ffn)) for e in range(E)]
         )
         if fmt == "qwen2_moe":
-            out.update(_qwen2_shared_expert(src, s, t, d, config.shared_expert_intermediate_size))
+            out.update(_qwen2_shared_expert(src, s, t, d, config.shared_expert_intermediate_size, shared_size))
     out["model.norm.weight"] = src.take("decoder.final_layernorm.weight", (d,))
     out["lm_head.weight"] = src.take("output_layer.weight", (V, d))
     src.check_all_used()
@@ -247,20 +249,22 @@ def megatron_to_hf(
     return config, out
 
 
-def _qwen2_shared_expert(src: "_Source", s: str, t: str, d: int, size: int) -> dict[str, torch.Tensor]:
+def _qwen2_shared_expert(src: "_Source", s: str, t: str, d: int, size: int,
+                         shared_size: int | None) -> dict[str, torch.Tensor]:
     """Qwen2-MoE computes sigmoid(shared_expert_gate . x) * shared_expert(x); Megatron adds shared(x).
 
     With the gate's weight zero the gate is sigmoid(0) = 1/2 exactly for every token, so
     the down projection is doubled: 1/2 * ((2 W) h) == W h bit for bit (scaling by a power
     of two is exact in binary floating point, in fp32, bf16 and fp16 alike). Without a
-    shared expert the module is zero-width and adds exactly 0.
+    shared expert (``shared_size`` None) it is one neuron of zeros:
+    down(silu(0) * 0) = 0 exactly.
     """
-    router = src.tensors[s + "mlp.router.weight"]
-    if size == 0:
-        empty = router.new_zeros(0, d)
-        return {t + "mlp.shared_expert.gate_proj.weight": empty, t + "mlp.shared_expert.up_proj.weight": empty,
-                t + "mlp.shared_expert.down_proj.weight": router.new_zeros(d, 0),
-                t + "mlp.shared_expert_gate.weight": router.new_zeros(1, d)}
+    if shared_size is None:
+        zeros = src.tensors[s + "mlp.router.weight"].new_zeros
+        return {t + "mlp.shared_expert.gate_proj.weight": zeros(size, d),
+                t + "mlp.shared_expert.up_proj.weight": zeros(size, d),
+                t + "mlp.shared_expert.down_proj.weight": zeros(d, size),
+                t + "mlp.shared_expert_gate.weight": zeros(1, d)}
     fc1 = src.take(s + "mlp.shared_experts.linear_fc1.weight", (2 * size, d))
     fc2 = src.take(s + "mlp.shared_experts.linear_fc2.weight", (d, size))
     gate, up = fc1.chunk(2, dim=0)
