@@ -392,3 +392,10 @@ def test_cli_exports_a_converted_top1_model(megatron_cpu, tmp_path):
         read_export(tmp_path / "moe")
     with pytest.raises(UserError, match="not a Hugging Face export \\(no config.json\\)"):
         read_export(tmp_path)
+
+
+def test_cli_format_choices_are_the_exporters():
+    from megatron_upcycle.cli import export_hf as cli
+    from megatron_upcycle.export import FORMAT_CHOICES
+
+    assert cli.FORMAT_CHOICES == FORMAT_CHOICES
