@@ -1,4 +1,4 @@
-"""Megatron-Core GPT state dict -> Hugging Face LlamaForCausalLM / MixtralForCausalLM tensors.
+"""Megatron-Core GPT state dict -> Hugging Face Llama / Mixtral / Qwen2-MoE tensors.
 
 A pure function over tensors, written like nanoGPT's ``from_pretrained``: every
 target tensor is named explicitly, every source tensor is shape-checked, every
@@ -14,7 +14,7 @@ Megatron layouts this relies on (megatron-core 0.16.1, read from its source):
   ``experts.gate_up_proj`` and of Llama's ``gate_proj``/``up_proj``;
 - RoPE without interleaving uses rotate_half on cat(freqs, freqs) with
   inv_freq = base^(-2i/hn): HF Llama's default rope with rope_theta = base;
-- top-k-then-softmax routing equals Mixtral's softmax -> top-k -> renormalise.
+- routing: see formats.py (which target expresses which Megatron routing).
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import torch
 
 from megatron_upcycle.config.model import ModelConfig, MoEConfig
 from megatron_upcycle.errors import CheckpointError, ConfigError, UserError
+from megatron_upcycle.export.formats import choose_format, megatron_routing
 
 # TransformerEngine specs fuse the pre-attention / pre-MLP norm into the next
 # linear and store grouped experts as one module with weight0..weightE-1. These
@@ -53,40 +54,33 @@ def local_spec_names(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return renamed
 
 
-def check_exportable(model: ModelConfig, moe: MoEConfig | None, tokenizer_vocab_size: int | None = None) -> None:
-    """Refuse what LlamaForCausalLM / MixtralForCausalLM cannot compute."""
+def check_exportable(
+    model: ModelConfig, moe: MoEConfig | None, tokenizer_vocab_size: int | None = None, fmt: str = "auto"
+) -> tuple[str, str]:
+    """(format, why) the model exports to; a ConfigError for what the format cannot compute."""
     if tokenizer_vocab_size is not None and tokenizer_vocab_size > model.vocab_size:
         raise ConfigError(
             f"tokenizer has {tokenizer_vocab_size} tokens but model '{model.name}' has vocab_size "
             f"{model.vocab_size}: its ids would index past the embedding"
         )
-    if moe is None:
-        return
-    if moe.router_pre_softmax:
-        why = " (the MoE config's rule for topk=1)" if moe.topk == 1 else ""
-        raise ConfigError(
-            f"cannot export to MixtralForCausalLM: router_pre_softmax=true{why} weights each expert by its "
-            "probability over all experts, while Mixtral renormalises the top-k probabilities to sum to 1"
-        )
-    if moe.shared_expert:
-        raise ConfigError("cannot export to MixtralForCausalLM: it has no shared expert (moe.shared_expert=true)")
-    if any(flag == 0 for flag in moe.layer_pattern(model.num_layers)):
-        raise ConfigError(
-            f"cannot export to MixtralForCausalLM: moe.layers={moe.layers!r} mixes dense and MoE layers; "
-            "Mixtral makes every layer MoE"
-        )
+    return choose_format(model, moe, fmt)
 
 
-def hf_config(model: ModelConfig, moe: MoEConfig | None, dtype: torch.dtype = torch.float32):
-    """The LlamaConfig (dense) or MixtralConfig (MoE) computing the same function as the Megatron model."""
+def hf_config(model: ModelConfig, moe: MoEConfig | None, fmt: str | None = None, dtype: torch.dtype = torch.float32):
+    """The LlamaConfig / MixtralConfig / Qwen2MoeConfig computing the same function as the Megatron model.
+
+    ``fmt`` None: the simplest exact format (``formats.choose_format``).
+    """
     import transformers
-    from transformers import LlamaConfig, MixtralConfig
+    from transformers import LlamaConfig, MixtralConfig, Qwen2MoeConfig
 
-    # rope_parameters, dtype and fused Mixtral experts are transformers 5; 4.x would
-    # silently ignore rope_parameters and fall back to rope_theta 10000.
+    # The exporter writes transformers 5's module layout (fused experts) and lets its
+    # save_pretrained write the Hub layout that transformers 4 reads too (compat.py).
     if int(transformers.__version__.split(".")[0]) < 5:
         raise UserError(f"export-hf needs transformers>=5 (found {transformers.__version__}): "
                         "pip install 'transformers>=5,<6'")
+    if fmt is None:
+        fmt, _ = choose_format(model, moe)
 
     head_dim = model.hidden_size // model.num_attention_heads
     common = dict(
@@ -109,18 +103,42 @@ def hf_config(model: ModelConfig, moe: MoEConfig | None, dtype: torch.dtype = to
         pad_token_id=None,
         dtype=dtype,
     )
-    if moe is None:
+    if fmt == "llama":
         return LlamaConfig(
             intermediate_size=model.ffn_hidden_size, attention_bias=False, mlp_bias=False, **common
         )
-    return MixtralConfig(
-        intermediate_size=moe.expert_ffn_hidden_size(model),
-        num_local_experts=moe.num_experts,
+    assert moe is not None
+    if fmt == "mixtral":
+        return MixtralConfig(
+            intermediate_size=moe.expert_ffn_hidden_size(model),
+            num_local_experts=moe.num_experts,
+            num_experts_per_tok=moe.topk,
+            router_aux_loss_coef=moe.aux_loss_coeff,
+            output_router_logits=False,
+            router_jitter_noise=0.0,
+            sliding_window=None,
+            **common,
+        )
+    routing = megatron_routing(model, moe)
+    return Qwen2MoeConfig(
+        intermediate_size=model.ffn_hidden_size,  # the MLP of the layers that stay dense
+        moe_intermediate_size=moe.expert_ffn_hidden_size(model),
+        # No shared expert: one neuron wide, all weights zero, so it adds exactly 0.
+        # Not zero-wide: transformers would load that, but vLLM then builds no shared
+        # expert and fails on the (empty) weights in the files.
+        shared_expert_intermediate_size=routing.shared_expert_size or 1,
+        num_experts=moe.num_experts,
         num_experts_per_tok=moe.topk,
+        # Top-k-then-softmax == softmax, top-k, renormalise; softmax-then-top-k: no renormalisation.
+        norm_topk_prob=not routing.pre_softmax,
+        decoder_sparse_step=1,
+        mlp_only_layers=[i for i, flag in enumerate(routing.layer_pattern) if not flag],
+        # Qwen2 attention has q/k/v biases (transformers before qkv_bias existed, and vLLM,
+        # always build them): written as zeros, which add exactly nothing.
+        qkv_bias=True,
+        use_sliding_window=False,
         router_aux_loss_coef=moe.aux_loss_coeff,
         output_router_logits=False,
-        router_jitter_noise=0.0,
-        sliding_window=None,
         **common,
     )
 
@@ -168,21 +186,24 @@ def megatron_to_hf(
     model: ModelConfig,
     moe: MoEConfig | None,
     tokenizer_vocab_size: int | None = None,
+    fmt: str = "auto",
 ):
-    """(HF config, HF state dict) for a full Megatron GPTModel state dict.
+    """(HF config, HF state dict) for a full Megatron GPTModel state dict; ``config.model_type`` is the format.
 
     The state dict keys are exactly those of the installed transformers'
-    LlamaForCausalLM / MixtralForCausalLM (transformers 5 stores Mixtral experts
-    fused: ``mlp.experts.gate_up_proj`` [E, 2I, d] and ``mlp.experts.down_proj``
+    LlamaForCausalLM / MixtralForCausalLM / Qwen2MoeForCausalLM (transformers 5 stores
+    experts fused: ``mlp.experts.gate_up_proj`` [E, 2I, d] and ``mlp.experts.down_proj``
     [E, d, I]). Tensors keep the source dtype and own their storage.
     """
-    check_exportable(model, moe, tokenizer_vocab_size)
-    config = hf_config(model, moe)
+    fmt, _ = check_exportable(model, moe, tokenizer_vocab_size, fmt)
+    config = hf_config(model, moe, fmt)
     src = _Source(state_dict)
     d, V = model.hidden_size, model.vocab_size
     heads = model.num_attention_heads
     groups = model.num_query_groups or heads
     hd = d // heads
+    pattern = moe.layer_pattern(model.num_layers) if moe is not None else [0] * model.num_layers
+    shared_size = megatron_routing(model, moe).shared_expert_size if fmt == "qwen2_moe" else None
     out: dict[str, torch.Tensor] = {}
 
     out["model.embed_tokens.weight"] = src.take("embedding.word_embeddings.weight", (V, d))
@@ -194,25 +215,30 @@ def megatron_to_hf(
         out[t + "self_attn.q_proj.weight"] = q
         out[t + "self_attn.k_proj.weight"] = k
         out[t + "self_attn.v_proj.weight"] = v
+        if fmt == "qwen2_moe":
+            for name, rows in (("q_proj", heads * hd), ("k_proj", groups * hd), ("v_proj", groups * hd)):
+                out[f"{t}self_attn.{name}.bias"] = q.new_zeros(rows)
         out[t + "self_attn.o_proj.weight"] = src.take(s + "self_attention.linear_proj.weight", (d, heads * hd))
         out[t + "post_attention_layernorm.weight"] = src.take(s + "pre_mlp_layernorm.weight", (d,))
-        if moe is None:
+        if not pattern[i]:
             ffn = model.ffn_hidden_size
             gate, up = src.take(s + "mlp.linear_fc1.weight", (2 * ffn, d)).chunk(2, dim=0)
             out[t + "mlp.gate_proj.weight"] = gate
             out[t + "mlp.up_proj.weight"] = up
             out[t + "mlp.down_proj.weight"] = src.take(s + "mlp.linear_fc2.weight", (d, ffn))
-        else:
-            E, ffn = moe.num_experts, moe.expert_ffn_hidden_size(model)
-            out[t + "mlp.gate.weight"] = src.take(s + "mlp.router.weight", (E, d))
-            experts = s + "mlp.experts.local_experts."
-            # Megatron's fc1 is already [gate; up], the row order of gate_up_proj.
-            out[t + "mlp.experts.gate_up_proj"] = torch.stack(
-                [src.take(f"{experts}{e}.linear_fc1.weight", (2 * ffn, d)) for e in range(E)]
-            )
-            out[t + "mlp.experts.down_proj"] = torch.stack(
-                [src.take(f"{experts}{e}.linear_fc2.weight", (d, ffn)) for e in range(E)]
-            )
+            continue
+        E, ffn = moe.num_experts, moe.expert_ffn_hidden_size(model)
+        out[t + "mlp.gate.weight"] = src.take(s + "mlp.router.weight", (E, d))
+        experts = s + "mlp.experts.local_experts."
+        # Megatron's fc1 is already [gate; up], the row order of gate_up_proj.
+        out[t + "mlp.experts.gate_up_proj"] = torch.stack(
+            [src.take(f"{experts}{e}.linear_fc1.weight", (2 * ffn, d)) for e in range(E)]
+        )
+        out[t + "mlp.experts.down_proj"] = torch.stack(
+            [src.take(f"{experts}{e}.linear_fc2.weight", (d, ffn)) for e in range(E)]
+        )
+        if fmt == "qwen2_moe":
+            out.update(_qwen2_shared_expert(src, s, t, d, config.shared_expert_intermediate_size, shared_size))
     out["model.norm.weight"] = src.take("decoder.final_layernorm.weight", (d,))
     out["lm_head.weight"] = src.take("output_layer.weight", (V, d))
     src.check_all_used()
@@ -223,10 +249,35 @@ def megatron_to_hf(
     return config, out
 
 
-def hf_model_class(config):
-    from transformers import LlamaForCausalLM, MixtralForCausalLM
+def _qwen2_shared_expert(src: "_Source", s: str, t: str, d: int, size: int,
+                         shared_size: int | None) -> dict[str, torch.Tensor]:
+    """Qwen2-MoE computes sigmoid(shared_expert_gate . x) * shared_expert(x); Megatron adds shared(x).
 
-    return MixtralForCausalLM if config.model_type == "mixtral" else LlamaForCausalLM
+    With the gate's weight zero the gate is sigmoid(0) = 1/2 exactly for every token, so
+    the down projection is doubled: 1/2 * ((2 W) h) == W h bit for bit (scaling by a power
+    of two is exact in binary floating point, in fp32, bf16 and fp16 alike). Without a
+    shared expert (``shared_size`` None) it is one neuron of zeros:
+    down(silu(0) * 0) = 0 exactly.
+    """
+    if shared_size is None:
+        zeros = src.tensors[s + "mlp.router.weight"].new_zeros
+        return {t + "mlp.shared_expert.gate_proj.weight": zeros(size, d),
+                t + "mlp.shared_expert.up_proj.weight": zeros(size, d),
+                t + "mlp.shared_expert.down_proj.weight": zeros(d, size),
+                t + "mlp.shared_expert_gate.weight": zeros(1, d)}
+    fc1 = src.take(s + "mlp.shared_experts.linear_fc1.weight", (2 * size, d))
+    fc2 = src.take(s + "mlp.shared_experts.linear_fc2.weight", (d, size))
+    gate, up = fc1.chunk(2, dim=0)
+    return {t + "mlp.shared_expert.gate_proj.weight": gate, t + "mlp.shared_expert.up_proj.weight": up,
+            t + "mlp.shared_expert.down_proj.weight": fc2 * 2,
+            t + "mlp.shared_expert_gate.weight": fc2.new_zeros(1, d)}
+
+
+def hf_model_class(config):
+    from transformers import LlamaForCausalLM, MixtralForCausalLM, Qwen2MoeForCausalLM
+
+    return {"llama": LlamaForCausalLM, "mixtral": MixtralForCausalLM,
+            "qwen2_moe": Qwen2MoeForCausalLM}[config.model_type]
 
 
 def check_matches_hf_class(config, hf_state: dict[str, torch.Tensor]) -> None:
