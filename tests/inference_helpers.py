@@ -8,7 +8,7 @@ import torch
 
 from megatron_upcycle.config.model import ModelConfig, MoEConfig
 
-VOCAB = 256
+VOCAB = 320
 
 
 def tiny_model(name: str = "infer-test") -> ModelConfig:
@@ -48,7 +48,7 @@ def export_tiny(backend, out: Path, model: ModelConfig, moe: MoEConfig | None, s
     return export_hf(state, model, moe, out, tokenizer_json=tokenizer)
 
 
-def train_tokenizer(path: Path, vocab_size: int = VOCAB, text: str = "the upcycled mixture of experts") -> str:
+def train_tokenizer(path: Path, vocab_size: int = 300, text: str = "the upcycled mixture of experts") -> str:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
