@@ -40,6 +40,9 @@ class TransformersEngine:
 
         if threads:
             torch.set_num_threads(threads)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # per-model loading bars would bury the progress lines
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
 
