@@ -111,3 +111,42 @@ def test_an_engine_that_is_not_installed_is_refused(models, tmp_path):
     result = run_cli("bench-inference", str(models["dense"]), str(models["moe"]), "--out", str(tmp_path / "o"),
                      "--engine", "vllm")
     _one_line_exit_2(result, "vLLM is not installed")
+
+
+class _Recorder:
+    """An engine stand-in that records the batches the online server loop forms."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+
+    def generate(self, prompts, new_tokens):
+        import time
+
+        self.batches.append(len(prompts))
+        time.sleep(0.05)
+
+
+def test_online_loop_batches_what_has_arrived():
+    from megatron_upcycle.inference.workloads import online
+
+    runner = _Recorder()
+    # Two requests at 0, one at 0.01 s: the first call serves the two, the third waits for the next call.
+    result = online(runner, [[1, 2]] * 3, [0.0, 0.0, 0.01], output_tokens=1, max_batch=8)
+    assert runner.batches == [2, 1]
+    assert result["requests"] == 3 and result["tokens"] == 3 * 3
+    assert result["latency_p90_s"] >= result["latency_p50_s"] > 0
+    capped = _Recorder()
+    online(capped, [[1]] * 3, [0.0, 0.0, 0.0], output_tokens=1, max_batch=2)
+    assert capped.batches == [2, 1]
+
+
+def test_online_uses_an_engine_that_serves_arrivals_itself():
+    from megatron_upcycle.inference.workloads import online
+
+    class Continuous:
+        def serve(self, prompts, arrivals, new_tokens, start):
+            return [a + 0.5 for a in arrivals]  # every request takes 0.5 s after its arrival
+
+    result = online(Continuous(), [[1]] * 4, [0.0, 0.1, 0.2, 0.3], output_tokens=1, max_batch=8)
+    assert result["latency_p50_s"] == pytest.approx(0.5) and result["latency_p90_s"] == pytest.approx(0.5)
+    assert result["wall_s"] == pytest.approx(0.8)

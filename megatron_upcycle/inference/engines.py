@@ -20,6 +20,13 @@ class Runner(Protocol):
     def generate(self, prompts: list[list[int]], new_tokens: int) -> None: ...
 
 
+class ArrivalServer(Protocol):
+    """A runner that serves timed arrivals itself (continuous batching); the online workload uses it
+    instead of its own server loop. Returns each request's completion time, seconds after ``start``."""
+
+    def serve(self, prompts: list[list[int]], arrivals: list[float], new_tokens: int, start: float) -> list[float]: ...
+
+
 def vllm_installed() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
@@ -100,7 +107,7 @@ class VLLMEngine:
 
         return {"name": self.name, "version": vllm.__version__, "device": "cuda", "dtype": "bfloat16",
                 "gpu_memory_share": self.memory_share,
-                "batching": "continuous (vLLM scheduler) within each generate call"}
+                "batching": "continuous: online requests join the running batch on arrival (LLMEngine.step)"}
 
     def load(self, path) -> Runner:
         import os
@@ -115,21 +122,48 @@ class VLLMEngine:
         return _VLLMRunner(llm)
 
 
+def _vllm_prompt(tokens: list[int]):
+    try:
+        from vllm.inputs import TokensPrompt
+
+        return TokensPrompt(prompt_token_ids=tokens)
+    except ImportError:  # older vLLM: a plain dict
+        return {"prompt_token_ids": tokens}
+
+
 class _VLLMRunner:
     def __init__(self, llm) -> None:
         self.llm = llm
 
-    def generate(self, prompts: list[list[int]], new_tokens: int) -> None:
+    @staticmethod
+    def _params(new_tokens: int):
         from vllm import SamplingParams
 
-        params = SamplingParams(max_tokens=new_tokens, min_tokens=new_tokens, ignore_eos=True, temperature=0.0)
-        try:
-            from vllm.inputs import TokensPrompt
+        return SamplingParams(max_tokens=new_tokens, min_tokens=new_tokens, ignore_eos=True, temperature=0.0)
 
-            requests = [TokensPrompt(prompt_token_ids=p) for p in prompts]
-        except ImportError:  # older vLLM: plain dicts
-            requests = [{"prompt_token_ids": p} for p in prompts]
-        self.llm.generate(requests, params, use_tqdm=False)
+    def generate(self, prompts: list[list[int]], new_tokens: int) -> None:
+        self.llm.generate([_vllm_prompt(p) for p in prompts], self._params(new_tokens), use_tqdm=False)
+
+    def serve(self, prompts: list[list[int]], arrivals: list[float], new_tokens: int, start: float) -> list[float]:
+        """Continuous batching: requests join the running batch at their arrival (LLMEngine add_request/step)."""
+        import time
+
+        engine = self.llm.llm_engine
+        params = self._params(new_tokens)
+        done: dict[int, float] = {}
+        submitted = 0
+        while len(done) < len(prompts):
+            now = time.perf_counter() - start
+            while submitted < len(prompts) and arrivals[submitted] <= now:
+                engine.add_request(str(submitted), _vllm_prompt(prompts[submitted]), params)
+                submitted += 1
+            if not engine.has_unfinished_requests():
+                time.sleep(max(arrivals[submitted] - now, 0.0))
+                continue
+            for output in engine.step():
+                if output.finished:
+                    done[int(output.request_id)] = time.perf_counter() - start
+        return [done[i] for i in range(len(prompts))]
 
 
 def select_engine(choice: str, num_models: int, max_model_len: int, threads: int | None = None):

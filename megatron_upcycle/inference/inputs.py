@@ -60,15 +60,12 @@ def export_checkpoint(checkpoint: Path, out: Path) -> Path:
     """A megatron-upcycle checkpoint -> a Hugging Face directory, through the project's exporter."""
     from megatron_upcycle.checkpoint import load_full_model_state, read_meta
     from megatron_upcycle.export import check_exportable, export_hf
-    from megatron_upcycle.parallel import destroy_distributed
 
     meta = read_meta(checkpoint)
     check_exportable(meta.model, meta.moe)  # before loading the weights
     tokenizer = meta.tokenizer if meta.tokenizer and Path(meta.tokenizer).exists() else None
-    try:
-        model, moe, state, _ = load_full_model_state(checkpoint)
-    finally:
-        destroy_distributed()
+    # Process groups: the caller's when it has some (a study, a test), else set up and torn down here.
+    model, moe, state, _ = load_full_model_state(checkpoint)
     return export_hf(state, model, moe, out, tokenizer_json=tokenizer)
 
 
