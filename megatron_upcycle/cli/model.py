@@ -61,6 +61,14 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:,.2f} GiB"
 
 
+def _bytes(n: float) -> str:
+    """Bytes in the largest binary unit that keeps the number >= 1 (the tiny presets are KiB-sized)."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:,.2f} {unit}"
+    return f"{n:,.0f} B"
+
+
 def format_report(report: dict) -> str:
     rows = [
         ("model", report["model"]),
@@ -85,14 +93,15 @@ def format_report(report: dict) -> str:
     width = max(len(k) for k, _ in rows)
     lines = [f"{k:<{width}}  {v}" for k, v in rows]
     if "inference" in report:
-        lines.append(f"(inference: bf16 weights and KV cache; roofline on {report['inference_hardware']})")
+        lines.append(f"(inference: bf16 weights and KV cache; roofline on {report['inference_hardware']}: an upper "
+                     "bound on tokens/s, no kernel-launch or scheduling overhead)")
     return "\n".join(lines)
 
 
 def inference_rows(role: str, cost: dict) -> list[tuple[str, str]]:
     rows = [
         (f"{role} forward FLOPs/token (context {cost['context_tokens']:,})", f"{cost['forward_flops_per_token']:,}"),
-        (f"{role} weight bytes (bf16)", _gib(cost["weight_bytes"])),
+        (f"{role} weight bytes (bf16)", _bytes(cost["weight_bytes"])),
         (f"{role} KV-cache bytes/token", f"{cost['kv_cache_bytes_per_token']:,}"),
         (f"{role} max batch at context {cost['context_tokens']:,}", f"{cost['max_batch']:,}"),
     ]
@@ -101,7 +110,7 @@ def inference_rows(role: str, cost: dict) -> list[tuple[str, str]]:
                    if cost["experts"] else "")
         fits = "" if step["fits_memory"] else " (does not fit)"
         rows.append((f"{role} decode step at batch {step['batch']}",
-                     f"{_gib(step['weight_bytes_read'])} weights + {_gib(step['kv_bytes_read'])} KV read{experts}; "
+                     f"{_bytes(step['weight_bytes_read'])} weights + {_bytes(step['kv_bytes_read'])} KV read{experts}; "
                      f"{step['tokens_per_second']:,.0f} tokens/s ({step['bound']}-bound){fits}"))
     return rows
 
