@@ -46,8 +46,12 @@ def test_final_models_are_the_largest_budgets(study):
 def test_measure_then_report(study, tmp_path):
     preset = preset_with("cpu", input_tokens=8, output_tokens=2, offline_batches=(1, 2), decode_tokens=3,
                          rates=(50.0,), requests_per_rate=2, repeats=1, online_repeats=1)
+    import torch
+
     lines = []
+    threads = torch.get_num_threads()
     results = measure_study_inference(study, preset=preset, emit=lines.append)
+    assert torch.get_num_threads() == threads  # the study's own setting is restored
     assert (study_inference_dir(study) / "results.json").exists()
     assert [m["label"] for m in results["models"]] == ["dense-d_2K", "upcycle-d1_2K-d2_2K"]
     assert results["engine"]["threads"] == 1 and any("ETA" in line for line in lines)

@@ -102,6 +102,16 @@ def run_benchmark(dense: str, moes: list[str], out_dir: Path, preset: Preset, en
                   rates: list[float] | None = None, threads: int | None = None, seed: int = 0, plots: bool = True,
                   emit=print) -> dict:
     """Benchmark ``dense`` against ``moes``; writes results.json, results.csv and PNGs into ``out_dir``."""
+    import torch
+
+    threads_before = torch.get_num_threads()  # an engine may set its own; a calling study keeps its setting
+    try:
+        return _run(dense, moes, out_dir, preset, engine_choice, rates, threads, seed, plots, emit)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(dense, moes, out_dir: Path, preset: Preset, engine_choice, rates, threads, seed, plots, emit) -> dict:
     from megatron_upcycle.inference.engines import select_engine
     from megatron_upcycle.inference.plots import plot_all
 
