@@ -84,6 +84,7 @@ def test_different_vocabulary_is_refused(models, tmp_path):
     result = run_cli("bench-inference", str(models["dense"]), str(models["other_vocab"]), "--out", str(tmp_path / "o"),
                      "--engine", "transformers", *TINY)
     _one_line_exit_2(result, "vocab_size 384")
+    assert not (tmp_path / "o").exists()  # refused after exporting began: no output is left behind
 
 
 def test_different_tokenizer_is_refused(models, tmp_path):
@@ -98,6 +99,7 @@ def test_a_directory_that_is_not_an_export_is_refused(models, tmp_path):
     result = run_cli("bench-inference", str(models["dense"]), str(empty), "--out", str(tmp_path / "o"),
                      "--engine", "transformers", *TINY)
     _one_line_exit_2(result, "neither a Hugging Face export")
+    assert not (tmp_path / "o").exists()
     swapped = run_cli("bench-inference", str(models["moe"]), str(models["dense"]), "--out", str(tmp_path / "o"),
                       "--engine", "transformers", *TINY)
     _one_line_exit_2(swapped, "the DENSE argument is an MoE")

@@ -66,7 +66,6 @@ def run(args) -> int:
         from megatron_upcycle.errors import UserError
 
         raise UserError(f"--threads must be >= 1, got {args.threads}")
-    out.mkdir(parents=True, exist_ok=True)
     results = run_benchmark(args.dense, args.moes, Path(out), preset, args.engine, threads=args.threads,
                             seed=args.seed, plots=not args.no_plots, emit=lambda line: print(line, flush=True))
     for line in format_ratios(results):

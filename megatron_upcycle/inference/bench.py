@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -105,8 +106,13 @@ def run_benchmark(dense: str, moes: list[str], out_dir: Path, preset: Preset, en
     import torch
 
     threads_before = torch.get_num_threads()  # an engine may set its own; a calling study keeps its setting
+    created = not out_dir.exists()
     try:
         return _run(dense, moes, out_dir, preset, engine_choice, rates, threads, seed, plots, emit)
+    except BaseException:
+        if created:  # nothing is written there before the end: a refused input leaves no output behind
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     finally:
         torch.set_num_threads(threads_before)
 
