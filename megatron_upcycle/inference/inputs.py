@@ -18,6 +18,7 @@ from megatron_upcycle.errors import UserError
 DENSE_TYPES = ("llama", "mistral", "qwen2")
 MOE_TYPES = ("mixtral", "qwen2_moe")
 CHECKPOINT_META = "upcycle_meta.json"  # megatron_upcycle.checkpoint.meta.META_FILE, read without importing torch
+PROVENANCE_FILE = "megatron_upcycle_export.json"  # written by megatron_upcycle.export next to config.json
 
 
 @dataclass
@@ -96,7 +97,7 @@ def describe_input(source: str, role: str, path: Path, label: str, exported_here
                         f"({', '.join(DENSE_TYPES + MOE_TYPES)})")
     experts = config.get("num_local_experts") or config.get("num_experts")
     topk = config.get("num_experts_per_tok")
-    shared = bool(config.get("shared_expert_intermediate_size"))
+    shared = _has_shared_expert(path, config)
     if role == "dense" and model_type in MOE_TYPES:
         raise UserError(f"{source}: the DENSE argument is an MoE ({model_type}, {experts} experts); "
                         "give the dense model first")
@@ -105,6 +106,19 @@ def describe_input(source: str, role: str, path: Path, label: str, exported_here
     return ModelInput(label=label, role=role, source=source, path=path, model_type=model_type,
                       experts=experts if role == "moe" else None, topk=topk if role == "moe" else None,
                       shared_expert=shared, vocab_size=int(config["vocab_size"]), exported_here=exported_here)
+
+
+def _has_shared_expert(path: Path, config: dict) -> bool:
+    """From the project's export record when there is one: its Qwen2-MoE exports without a shared
+    expert keep a 1-wide, zero-gated one (vLLM cannot load a zero-wide one)."""
+    record = path / PROVENANCE_FILE
+    if record.is_file():
+        try:
+            moe = json.loads(record.read_text()).get("moe") or {}
+            return bool(moe.get("shared_expert"))
+        except (OSError, ValueError, AttributeError):
+            pass
+    return (config.get("shared_expert_intermediate_size") or 0) > 1
 
 
 def _vocab(path: Path) -> dict | None:
