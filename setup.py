@@ -28,6 +28,9 @@ setup(
     extras_require={
         "gpu": ["transformer-engine[pytorch]>=2.0", "flash-attn>=2.6"],
         "hf": ["transformers>=5.0,<6"],
+        # upcycle bench-inference's GPU engine (the one Doubov et al. used); needs CUDA. vLLM pins
+        # its own torch and transformers: install it where those pins can be met.
+        "serve": ["vllm>=0.6.2"],
         "test": ["pytest>=8", "transformers>=5.0,<6"],
     },
     entry_points={"console_scripts": ["upcycle=megatron_upcycle.cli:console_main"]},

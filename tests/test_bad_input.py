@@ -146,6 +146,9 @@ TABLE = {
     "inspect not a checkpoint": ("upcycle", ["inspect", "{in}/empty_ckpt"], "not a (finished) torch_dist", False),
     "export shard size banana": ("upcycle", ["export-hf", "{in}/empty_ckpt", "{out}", "--max-shard-size", "banana"],
                                  "--max-shard-size 'banana' is not a size", False),
+    "bench-inference not an export": ("upcycle", ["bench-inference", "{in}/empty_ckpt", "{in}/empty_ckpt", "--out",
+                                                  "{out}", "--engine", "transformers"],
+                                      "neither a Hugging Face export", False),
     # sweep: experiment YAML
     "sweep plan unknown key": ("upcycle", ["sweep", "plan", "{in}/exp_typo.yaml", "--root", "{out}"],
                                "did you mean 'dense_models'", False),

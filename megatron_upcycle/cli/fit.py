@@ -52,7 +52,23 @@ def add_parser(subparsers) -> None:
     adv.add_argument("--tokens-unit", default="tokens", metavar="UNIT",
                      help="unit of --d1 and --tokens: tokens (default), thousands, millions or billions")
     adv.add_argument("--json", action="store_true", help="print the Advice record as JSON")
+    add_serving_arguments(adv)
     adv.set_defaults(run=run_advise)
+
+
+def add_serving_arguments(adv) -> None:
+    """The serving term (megatron_upcycle.inference.serving): training + serving cost of T tokens."""
+    serve = adv.add_argument_group("serving cost (upcycling vs dense CPT at equal training + serving cost)")
+    serve.add_argument("--serve-tokens", default=None, help="tokens the model will serve, e.g. 1e12")
+    serve.add_argument("--serve-estimate", default=None, choices=("compute", "memory", "measured"),
+                       help="MoE/dense serving cost per token: compute-bound (N2/N1), memory-bound (weight bytes "
+                            "per decode step) or measured (--serve-ratio-from); default measured when a file is "
+                            "given, else memory")
+    serve.add_argument("--serve-ratio-from", default=None, metavar="RESULTS_JSON",
+                       help="results.json of `upcycle bench-inference`: its measured MoE/dense throughput ratio")
+    serve.add_argument("--serve-model", default=None, help="which MoE of that file (default: the first)")
+    serve.add_argument("--experts", default="8", help="experts E for the memory-bound estimate (default 8)")
+    serve.add_argument("--serve-batch", default="8", help="decode batch for the memory-bound estimate (default 8)")
 
 
 def _number(name: str, text: str | None, integer: bool = False, minimum: float = 0.0, allow_equal=False):
@@ -131,8 +147,12 @@ def run_advise(args) -> int:
     ratio = _number("--n2-over-n1", args.n2_over_n1)
     result = None if args.paper else read_fits_json(args.fits)
     advice = advise_from_result(result, n1, d1, tokens=tokens, flops=flops, n2_over_n1=ratio)
+    serving = _serving(args, result, n1, d1, tokens, flops, ratio)
     if args.json:
-        print(json.dumps(to_jsonable(advice), indent=2))
+        data = to_jsonable(advice)
+        if serving is not None:
+            data["serving"] = to_jsonable(serving)
+        print(json.dumps(data, indent=2))
         return 0
     print(f"recommendation: {advice.recommendation}")
     print(f"reason: {advice.reason}")
@@ -144,4 +164,26 @@ def run_advise(args) -> int:
     print(f"laws: {advice.laws}")
     for warning in advice.warnings:
         print(f"caution: {warning}")
+    if serving is not None:
+        from megatron_upcycle.inference.serving import format_serving
+
+        print("\n".join(format_serving(serving)))
     return 0
+
+
+def _serving(args, result, n1, d1, tokens, flops, ratio):
+    """The serving comparison when --serve-tokens is given (None otherwise)."""
+    from megatron_upcycle.errors import UserError
+
+    if args.serve_tokens is None:
+        if args.serve_ratio_from or args.serve_estimate:
+            raise UserError("--serve-estimate / --serve-ratio-from need --serve-tokens T")
+        return None
+    from megatron_upcycle.inference.serving import measured_ratio, predictors_for, serving_advice
+
+    serve_tokens = _number("--serve-tokens", args.serve_tokens, allow_equal=True)
+    measured = measured_ratio(args.serve_ratio_from, args.serve_model) if args.serve_ratio_from else None
+    estimate = args.serve_estimate or ("measured" if measured else "memory")
+    return serving_advice(predictors_for(result, n1, ratio), n1, d1, serve_tokens, tokens=tokens, flops=flops,
+                          estimate=estimate, num_experts=_number("--experts", args.experts, integer=True),
+                          batch=_number("--serve-batch", args.serve_batch, integer=True), measured=measured)
