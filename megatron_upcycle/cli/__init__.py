@@ -38,6 +38,7 @@ SUBCOMMAND_MODULES = [
     "export_hf",
     "sweep",
     "fit",
+    "selftest",
 ]
 
 
