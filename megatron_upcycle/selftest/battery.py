@@ -5,6 +5,7 @@ import os
 import socket
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from megatron_upcycle.errors import UserError
@@ -55,6 +56,8 @@ def run_selftest(out: str | os.PathLike, quick: bool = False, device: str | None
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a directory")
     quiet_megatron()
+    # torch DCP warns on every save and load that ShardedTensor (Megatron's format) is deprecated.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\..*")
     rank, world = world_from_env()
     backend = select_backend()
     ctx = Context(out=out, work=out / "work", quick=quick, backend=backend,

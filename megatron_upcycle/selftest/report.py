@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from megatron_upcycle.atomic import write_json_atomic
+from megatron_upcycle.exit_codes import RequeueRequested
 
 JSON_FILE = "selftest.json"
 LOG_FILE = "selftest.log"
@@ -94,6 +95,9 @@ class Battery:
             status, detail = "SKIP", str(exc)
         except Failed as exc:
             status, detail = "FAIL", str(exc)
+        except RequeueRequested:
+            # SIGTERM/SIGUSR1 during a run: the battery stops (exit 75), its JSON kept so far.
+            raise
         except Exception as exc:  # noqa: BLE001 - a battery reports every error as a failure
             status = "FAIL"
             first = str(exc).splitlines()[0] if str(exc) else ""
@@ -117,11 +121,8 @@ class Battery:
     def _output_to_log(self):
         """The engine's own lines (progress, run messages) go to the log; the terminal
         gets one line per check."""
-        if not self.is_main:
-            yield
-            return
-        with (self.out / LOG_FILE).open("a") as handle, contextlib.redirect_stdout(handle), \
-                contextlib.redirect_stderr(handle):
+        target = self.out / LOG_FILE if self.is_main else os.devnull  # rank 0 speaks for the job
+        with open(target, "a") as handle, contextlib.redirect_stdout(handle), contextlib.redirect_stderr(handle):
             yield
 
     def _log(self, text: str) -> None:

@@ -3,6 +3,7 @@ resolved and trained by ``train.loop.Trainer`` exactly as ``python -m megatron_u
 would (same RunConfig loading, same resolve_run, same run-directory files)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 from dataclasses import dataclass
@@ -72,20 +73,26 @@ def build_trainer(ctx, name: str, config: dict):
     return Trainer(cfg, run_dir.path), run_dir
 
 
-def train(ctx, name: str, config: dict) -> RunOutcome:
-    """Train one run to its end (result.json written) and release it."""
+@contextlib.contextmanager
+def own_signal_handlers():
+    """The engine turns SIGTERM/SIGUSR1 into "save and requeue" for its run (a Trainer.train
+    then raises RequeueRequested); outside the body this process answers them as before."""
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:
+        yield
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def train(ctx, name: str, config: dict) -> RunOutcome:
+    """Train one run to its end (result.json written) and release it."""
+    with own_signal_handlers():
         trainer, run_dir = build_trainer(ctx, name, config)
         try:
             result = trainer.train()
         finally:
             trainer.close()
-    finally:
-        # The engine turns SIGTERM/SIGUSR1 into "save and requeue" for its run; between
-        # runs the battery's process answers them as it did before.
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
     ctx.barrier()
     return RunOutcome(run_dir, result, read_metrics(run_dir) if ctx.is_main else [])
 

@@ -88,7 +88,8 @@ def measure(ctx, kind: str, warmup: int, steps: int) -> dict:
         ctx, kind=kind, model=model, global_batch_size=gbs, micro_batch_size=mbs,
         optim={"warmup_iters": 1}, schedule={"train_tokens": iters * gbs * seq, "log_interval_iters": 10**6},
         **({"moe": dict(MOE)} if kind == "moe" else {}))
-    trainer, _ = runs.build_trainer(ctx, f"throughput-{kind}", config)
+    with runs.own_signal_handlers():  # no requeue machinery here: SIGTERM stops the measurement
+        trainer, _ = runs.build_trainer(ctx, f"throughput-{kind}", config)
     try:
         sync = torch.cuda.synchronize if ctx.on_gpu else (lambda: None)
         losses = [trainer.train_step(i) for i in range(warmup)]
