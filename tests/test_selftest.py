@@ -58,7 +58,9 @@ def test_cpu_quick_battery_passes_every_check(cpu_quick):
         assert data["tokens_per_second"] > 0 and 0 < data["mfu"] and "measured fp32 matmul" in data["peak"]
         assert data["seq_length"] == 256  # --quick on CPU
     dense, moe = by_name["throughput-dense-0.1B"]["data"], by_name["throughput-moe-8x0.1B"]["data"]
-    assert moe["N_non_embedding"] > 7 * dense["N_non_embedding"] > moe["N_active_non_embedding"]
+    # 8 experts: total far above the dense count, active (top-2) between 1 and 2 dense MLPs' worth.
+    assert moe["N_non_embedding"] > 5 * dense["N_non_embedding"]
+    assert dense["N_non_embedding"] < moe["N_active_non_embedding"] < 2 * dense["N_non_embedding"]
     assert not [p for p in out.iterdir() if p.name.startswith(".selftest.json")]  # written atomically
 
 

@@ -27,6 +27,16 @@ def _present(module: str) -> bool:
         return False
 
 
+def _nccl_version() -> str | None:
+    if not torch.cuda.is_available():
+        return None
+    try:
+        version = torch.cuda.nccl.version()
+    except (AttributeError, RuntimeError):
+        return None
+    return ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
+
+
 def why_backend(backend, forced_cpu: bool) -> str:
     """One sentence: why ``select_backend`` chose what it chose here."""
     if backend.device == "cpu":
@@ -47,7 +57,7 @@ def environment(ctx) -> Outcome:
         "cuda_available": torch.cuda.is_available(),
         "gpus": torch.cuda.device_count() if torch.cuda.is_available() else 0,
         "gpu_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "nccl": ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else None,
+        "nccl": _nccl_version(),
         "megatron_core": _version("megatron-core"),
         "transformers": _version("transformers"),
         "world_size": ctx.world,
