@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from megatron_upcycle.backend import Backend
+from megatron_upcycle.backend import Backend, _has_module
 from megatron_upcycle.config.model import ModelConfig, MoEConfig
 from megatron_upcycle.parallel import ParallelConfig
 
@@ -50,11 +50,15 @@ def transformer_config(
         bf16=backend.bf16,
         # Fused kernels exist only on GPU.
         bias_activation_fusion=on_gpu,
-        masked_softmax_fusion=on_gpu,
+        # The local spec's fused softmax needs Megatron-LM's compiled scaled_masked_softmax_cuda,
+        # which the megatron-core wheel lacks (importing it fails inside the first forward).
+        masked_softmax_fusion=on_gpu and _has_module("scaled_masked_softmax_cuda"),
         bias_dropout_fusion=on_gpu,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
-        persist_layer_norm=on_gpu,
+        # Only Apex's FusedLayerNorm (LayerNorm, never RMSNorm) has a persistent kernel; the
+        # torch RMSNorm of the local spec refuses the flag, and TENorm ignores it.
+        persist_layer_norm=False,
         use_cpu_initialization=not on_gpu,
     )
     from megatron.core.transformer.enums import AttnBackend

@@ -11,7 +11,8 @@ def _subcommands(parser: argparse.ArgumentParser) -> dict:
 
 def test_top_level_commands():
     assert sorted(_subcommands(build_parser())) == [
-        "advise", "bench-inference", "convert", "data", "export-hf", "fit", "inspect", "model", "sweep", "verify"]
+        "advise", "bench-inference", "convert", "data", "export-hf", "fit", "inspect", "model", "selftest",
+        "sweep", "verify"]
 
 
 def test_nested_actions():

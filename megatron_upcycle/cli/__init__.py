@@ -39,6 +39,7 @@ SUBCOMMAND_MODULES = [
     "bench_inference",
     "sweep",
     "fit",
+    "selftest",
 ]
 
 

@@ -104,6 +104,13 @@ class Trainer:
         if self.is_main:
             write_yaml_atomic(self.run_dir.resolved_config, to_dict(self.cfg))
 
+    def close(self) -> None:
+        """Release the run directory's lock and the metrics writer. A process that runs
+        several Trainers one after another (``upcycle selftest``) calls it after each;
+        a training process exits instead, which releases both."""
+        self.metrics.close()
+        self._lock.close()
+
     # -- set-up ---------------------------------------------------------------
 
     def _hold_lock(self) -> None:
