@@ -11,9 +11,9 @@ detection, never by version string:
   tracker is ``moe_logging.get_moe_metrics_tracker()`` (entries ``MetricEntry.values``)
   and the old function returns a fresh copy, so clearing it clears nothing:
   ``reset_moe_metrics``, ``zero_moe_metrics``, ``moe_metric_values``.
-- Async checkpoint writer results queue. 0.16 creates it in the private
-  ``filesystem_async._get_write_results_queue()``, 0.17+ in the public
-  ``get_write_results_queue(mp_mode)``; both keep it in the module global
+- Async checkpoint writer results queue (dist_checkpointing.strategies.filesystem_async).
+  0.16 creates it in the private function ``_get_write_results_queue()``, 0.17+ in the
+  public ``get_write_results_queue(mp_mode)``; both keep it in the module global
   ``_results_queue``, which writer_queue.py pre-seeds: ``async_writer_results_queue_module``.
 - Per-layer ("non-homogeneous") sharded keys. ``TransformerBlock.sharded_state_dict``
   honours ``metadata={"non_homogeneous_layers": True}`` in 0.16-0.19 (unchanged);
@@ -51,6 +51,14 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+
+
+TESTED = "0.16.1"  # the CPU test suite runs against this one (Python 3.11)
+# setup.py's megatron-core requirements, by environment marker (a test keeps them equal).
+SUPPORTED = {
+    "python_version<'3.12'": ">=0.16.1,<0.17",  # 0.16.1 is the newest release for Python 3.11
+    "python_version>='3.12'": ">=0.16.1,<0.20",  # 0.17.x-0.19.x source-checked, see the docstring
+}
 
 
 @dataclass(frozen=True)
