@@ -12,9 +12,10 @@ setup(
                                                  "slurm/*.sbatch", "launch/*.sh"]},
     install_requires=[
         "torch>=2.6",
-        # 0.16.1 is the newest for Python 3.11; the CPU accommodations are pinned to its code.
+        # 0.16.1 is the newest for Python 3.11 and the tested default; 0.17-0.19 need Python 3.12
+        # (docs/megatron-versions.md; megatron_upcycle.mcore_compat.SUPPORTED must match these).
         "megatron-core>=0.16.1,<0.17; python_version<'3.12'",
-        "megatron-core>=0.16.1; python_version>='3.12'",
+        "megatron-core>=0.16.1,<0.20; python_version>='3.12'",
         "pyyaml>=6.0",
         "numpy>=1.26",
         "scipy>=1.11",

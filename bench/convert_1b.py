@@ -70,9 +70,10 @@ def spot_check(dense: Path, moe: Path) -> None:
                                                   torch.empty(1, d, f, dtype=torch.bfloat16), (0, 29, 30))},
             dense)["x"][0]
         expert = TorchDistLoadShardedStrategy().load(
-            {"x": ShardedTensor.from_rank_offsets("decoder.layers.29.mlp.experts.experts.linear_fc2.weight",
-                                                  torch.empty(1, d, f, dtype=torch.bfloat16), (0, 7, 8))},
-            moe)["x"][0]
+            {"x": ShardedTensor.from_rank_offsets("decoder.layers.mlp.experts.experts.linear_fc2.weight",
+                                                  torch.empty(1, 1, d, f, dtype=torch.bfloat16), (0, 29, 30),
+                                                  (1, 7, 8))},
+            moe)["x"][0, 0]  # all layers MoE: the stacked layout, [layer, expert, d, f]
     assert torch.equal(dense_fc2, expert), "expert 7 of layer 29 differs from the dense MLP"
 
 

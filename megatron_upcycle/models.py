@@ -3,6 +3,7 @@
 Extends Megatron-Core through its own extension points: a TransformerConfig and
 the stock GPT decoder block spec (TE or local, chosen by the backend), with
 ``moe_layer_freq`` for mixed dense/MoE stacks. No Megatron layer is subclassed.
+Checkpoints of these models use the stock key layout (see ``moe_layer_freq``).
 """
 from __future__ import annotations
 
@@ -75,7 +76,7 @@ def transformer_config(
             moe_router_load_balancing_type="aux_loss",
             moe_router_pre_softmax=moe.router_pre_softmax,
             moe_ffn_hidden_size=moe.expert_ffn_hidden_size(model),
-            moe_layer_freq=moe.layer_pattern(model.num_layers),
+            moe_layer_freq=moe_layer_freq(moe, model.num_layers),
             moe_shared_expert_intermediate_size=model.ffn_hidden_size if moe.shared_expert else None,
             # Dropless token-choice routing: no capacity factor, no token dropping.
             moe_expert_capacity_factor=None,
@@ -86,6 +87,18 @@ def transformer_config(
             moe_permute_fusion=False,
         )
     return TransformerConfig(**kwargs)
+
+
+def moe_layer_freq(moe: MoEConfig, num_layers: int) -> int | list[int]:
+    """Megatron's ``moe_layer_freq``: 1 when every layer is MoE, else the 0/1 list.
+
+    The same layers either way, but not the same checkpoint keys: a list makes
+    TransformerBlock key every layer separately (decoder.layers.<i>.*), an int 1 keeps
+    the stacked keys (decoder.layers.*) that a stock GPTModel, built by Megatron-LM's
+    pretrain_gpt.py with the default moe_layer_freq=1, asks for.
+    """
+    pattern = moe.layer_pattern(num_layers)
+    return 1 if all(pattern) else pattern
 
 
 def layer_spec(config, backend: Backend):
@@ -112,12 +125,13 @@ def build_gpt_model(
     exact parameter counts of the billion-parameter sizes).
     """
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    from megatron_upcycle.mcore_compat import reset_moe_metrics
 
     # Megatron's aux-loss tracker is process-global and sized by the first MoE model
     # that logs into it; a deeper model built later in the same process would index
     # past its end. Each new model starts with an empty tracker.
-    get_moe_layer_wise_logging_tracker().clear()
+    reset_moe_metrics()
     config = transformer_config(model, moe, backend, parallel)
     spec = layer_spec(config, backend)
 

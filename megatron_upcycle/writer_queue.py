@@ -33,11 +33,10 @@ def install() -> bool:
     import multiprocessing as mp
     from multiprocessing.managers import SyncManager
 
-    try:
-        from megatron.core.dist_checkpointing.strategies import filesystem_async
-    except ImportError:
-        return False
-    if not hasattr(filesystem_async, "_results_queue"):
+    from megatron_upcycle.mcore_compat import async_writer_results_queue_module
+
+    filesystem_async = async_writer_results_queue_module()
+    if filesystem_async is None:
         return False  # upstream no longer keeps one: nothing to protect
     if filesystem_async._results_queue is not None:
         return True

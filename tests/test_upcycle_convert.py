@@ -69,9 +69,18 @@ def dense(groups, tmp_path_factory):
 
 
 def tensors(path) -> dict:
+    """Every tensor of a checkpoint; stacked layer tensors (decoder.layers.<key>, the stock layout)
+    are also given per layer (decoder.layers.<i>.<key>), so one assertion serves both layouts."""
+    import re
+
     from megatron.core import dist_checkpointing
 
-    return {k: v for k, v in dist_checkpointing.load_plain_tensors(str(path)).items() if torch.is_tensor(v)}
+    plain = {k: v for k, v in dist_checkpointing.load_plain_tensors(str(path)).items() if torch.is_tensor(v)}
+    stacked = re.compile(r"^((?:.*\.)?decoder\.layers\.)(?!\d+\.)(.*)$")
+    for key, value in list(plain.items()):
+        if m := stacked.match(key):
+            plain.update({f"{m.group(1)}{i}.{m.group(2)}": value[i] for i in range(value.shape[0])})
+    return plain
 
 
 def dense_mlp(dense_tensors, layer):
@@ -111,6 +120,8 @@ def test_copy_preserves_the_function_and_records_provenance(dense, tmp_path):
     common = dist_checkpointing.load_common_state_dict(str(tmp_path / "moe"))["common"]
     assert common["has_rng"] is False and common["world_size"] == 1
     d, m = tensors(dense[0]), tensors(tmp_path / "moe")
+    # every layer MoE: the stock (stacked) layout, experts along a second axis
+    assert m["decoder.layers.mlp.experts.experts.linear_fc1.weight"].shape == (3, 4, 2 * FFN, D)
     for layer in range(3):
         gate, up, down = dense_mlp(d, layer)
         for eg, eu, ed in experts(m, layer):
@@ -197,6 +208,7 @@ def test_shared_expert_and_mixed_layers_are_exact(dense, tmp_path):
     result = convert(dense[0], tmp_path / "mixed", moe, shared_expert_weight=0.25)
     assert result.report.require_exact and result.report.logit_max_abs <= 1e-5
     d, m = tensors(dense[0]), tensors(tmp_path / "mixed")
+    assert not any(k.startswith("decoder.layers.mlp.") for k in m)  # mixed layers: per-layer keys only
     # layer 1 stays dense: its MLP is the dense one, under the dense key layout
     assert torch.equal(m["decoder.layers.1.mlp.linear_fc1.weight"], d["decoder.layers.mlp.linear_fc1.weight"][1])
     assert "decoder.layers.1.mlp.router.weight" not in m

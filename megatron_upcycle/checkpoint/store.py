@@ -4,6 +4,8 @@ One sharded state dict holds the model, the optimizer (Megatron's own sharded
 optimizer state, so checkpoints reshard across TP/EP/DP layouts), per-rank RNG
 states and common scalars (scheduler, iteration, tokens, data position). It is
 written to ``.tmp-<name>`` and renamed by rank 0 after every rank finished.
+Decoder layers are written in the model's own (stock) key layout and read in
+whichever layout the checkpoint has (stacked or per layer; see layer_layout.py).
 """
 from __future__ import annotations
 
@@ -67,10 +69,13 @@ def _rng_sharded_object(data):
     return ShardedObject("rng_state", data, (_world(),), (_rank(),), replica_id=0)
 
 
-def _sharded_state_dict(model, optimizer, with_rng: bool, is_loading: bool) -> dict:
+def _sharded_state_dict(model, optimizer, with_rng: bool, is_loading: bool, layout: str | None = None,
+                        source: Path | None = None) -> dict:
+    from megatron_upcycle.checkpoint.layer_layout import model_sharded_state_dict
+
     # Keys of the bare GPTModel (no DDP "module." prefix), so checkpoints are
     # portable between training, conversion and export.
-    model_sd = _unwrap(model).sharded_state_dict()
+    model_sd = model_sharded_state_dict(_unwrap(model), layout, source)
     state = {"model": model_sd}
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
@@ -87,8 +92,14 @@ def save_checkpoint(
     scheduler,
     common: dict,
     meta: CheckpointMeta,
+    layout: str | None = None,
 ) -> Path:
-    """Write one checkpoint under ``root`` and add it to the manifest. Collective."""
+    """Write one checkpoint under ``root`` and add it to the manifest. Collective.
+
+    ``layout`` None writes the model's own key layout (what a stock GPTModel of the
+    same config loads); ``layer_layout.PER_LAYER`` writes per-layer keys, the layout
+    this project used for all-MoE models before (kept for compatibility tests).
+    """
     from megatron.core import dist_checkpointing
 
     root = Path(root)
@@ -103,7 +114,7 @@ def save_checkpoint(
     from megatron_upcycle import writer_queue
 
     writer_queue.install()  # before Megatron starts its own, group-signal-fragile one
-    state = _sharded_state_dict(model, optimizer, with_rng=True, is_loading=False)
+    state = _sharded_state_dict(model, optimizer, with_rng=True, is_loading=False, layout=layout)
     state["common"] = dict(common, world_size=_world(), has_rng=True)
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
@@ -153,10 +164,13 @@ def load_checkpoint(
 ) -> dict:
     """Load model (and optimizer, scheduler, RNG when given) in place; returns the common dict.
 
-    Works across parallel layouts (torch_dist reshards); RNG states are restored
-    only when the world size matches the one that saved them.
+    Works across parallel layouts (torch_dist reshards) and both key layouts of decoder
+    layers (stacked, per layer); RNG states are restored only when the world size
+    matches the one that saved them.
     """
     from megatron.core import dist_checkpointing
+
+    from megatron_upcycle.checkpoint.layer_layout import checkpoint_layout
 
     checkpoint_dir = Path(checkpoint_dir)
     meta = read_meta(checkpoint_dir)
@@ -165,7 +179,9 @@ def load_checkpoint(
     common = dist_checkpointing.load_common_state_dict(str(checkpoint_dir))
     saved = common.get("common", {})
     with_rng = load_rng and saved.get("has_rng", False) and saved.get("world_size") == _world()
-    state = _sharded_state_dict(model, optimizer, with_rng=with_rng, is_loading=True)
+    layout = checkpoint_layout(checkpoint_dir)
+    state = _sharded_state_dict(model, optimizer, with_rng=with_rng, is_loading=True, layout=layout,
+                                source=checkpoint_dir)
     loaded = dist_checkpointing.load(state, str(checkpoint_dir))
     _unwrap(model).load_state_dict(loaded["model"], strict=True)
     if optimizer is not None:

@@ -258,9 +258,9 @@ class Trainer:
             loss_sum = reduced.cpu()
         self.ddp.train()
         if self.router_stats is not None:
-            from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+            from megatron_upcycle.mcore_compat import zero_moe_metrics
 
-            clear_aux_losses_tracker()
+            zero_moe_metrics()
         return float(loss_sum[0] / loss_sum[1])
 
     # -- checkpoints ----------------------------------------------------------

@@ -40,19 +40,16 @@ class RouterStats:
 
     def collect(self) -> dict[str, float]:
         """Load per expert relative to uniform (1.0 = balanced) and mean router entropy (nats)."""
-        from megatron.core.transformer.moe.moe_utils import (
-            clear_aux_losses_tracker,
-            get_moe_layer_wise_logging_tracker,
-        )
+        from megatron_upcycle.mcore_compat import moe_metric_values, zero_moe_metrics
 
         stats = {}
-        tracker = get_moe_layer_wise_logging_tracker()
-        if "load_balancing_loss" in tracker:
-            values = tracker["load_balancing_loss"]["values"].detach().float().cpu()
+        values = moe_metric_values("load_balancing_loss")
+        if values is not None:
+            values = values.detach().float().cpu()
             moe_layers = max(len(self.routers), 1)
             # Summed over micro-batches and layers; the trainer divides by micro-batches.
             stats["aux_loss_sum"] = float(values.sum()) / moe_layers
-        clear_aux_losses_tracker()
+        zero_moe_metrics()
         if self.tokens:
             counts = self.counts.clone()
             meta = torch.tensor([self.entropy_sum, float(self.tokens)], dtype=torch.float64)

@@ -60,12 +60,14 @@ def _set_step(optimizer, step: int) -> None:
                 group["step"] = step
 
 
-def _moment_requests_megatron(model, optimizer) -> dict:
+def _moment_requests_megatron(model, optimizer, layout: str | None) -> dict:
     """The fresh optimizer's own sharded moments (data = its live state tensors)."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
-    model_sd = _unwrap(model).sharded_state_dict()
+    from megatron_upcycle.checkpoint.layer_layout import model_sharded_state_dict
+
+    model_sd = model_sharded_state_dict(_unwrap(model), layout)
     opt_sd = optimizer.sharded_state_dict(model_sd, is_loading=True)
     requests = {}
     for sh in nested_values(opt_sd):
@@ -76,15 +78,17 @@ def _moment_requests_megatron(model, optimizer) -> dict:
     return requests
 
 
-def _moment_requests_torch(model, optimizer) -> tuple[dict, dict]:
+def _moment_requests_torch(model, optimizer, layout: str | None) -> tuple[dict, dict]:
     """For a plain torch optimizer: model-shaped buffers keyed like Megatron's."""
     from dataclasses import replace
 
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
+    from megatron_upcycle.checkpoint.layer_layout import model_sharded_state_dict
+
     params = {id(p) for opt in _torch_optimizers(optimizer) for g in opt.param_groups for p in g["params"]}
     requests, targets = {}, {}
-    for name, sh in _unwrap(model).sharded_state_dict().items():
+    for name, sh in model_sharded_state_dict(_unwrap(model), layout).items():
         if not isinstance(sh, (ShardedTensor, ShardedTensorFactory)) or id(sh.data) not in params:
             continue
         for field in MOMENT_FIELDS:
@@ -105,15 +109,17 @@ def load_carried_moments(checkpoint_dir: str | os.PathLike, model, optimizer) ->
     from megatron.core import dist_checkpointing
 
     from megatron_upcycle.checkpoint import read_meta
+    from megatron_upcycle.checkpoint.layer_layout import checkpoint_layout
 
     read_meta(checkpoint_dir)  # a clear error for a directory that is not a checkpoint
+    layout = checkpoint_layout(checkpoint_dir)  # stacked (this converter) or per layer (earlier ones)
     common = dist_checkpointing.load_common_state_dict(str(checkpoint_dir))
     carried = common.get("carried_moments")
     if not carried:
         raise CheckpointError(f"{checkpoint_dir} carries no Adam moments (convert with --carry-moments)")
     step = int(carried["step"])
     if hasattr(optimizer, "sharded_state_dict"):
-        requests = _moment_requests_megatron(model, optimizer)
+        requests = _moment_requests_megatron(model, optimizer, layout)
         targets = None
     else:
         for opt in _torch_optimizers(optimizer):
@@ -124,7 +130,7 @@ def load_carried_moments(checkpoint_dir: str | os.PathLike, model, optimizer) ->
                         state["step"] = torch.tensor(0.0)
                         state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                         state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        requests, targets = _moment_requests_torch(model, optimizer)
+        requests, targets = _moment_requests_torch(model, optimizer, layout)
     if not requests:
         raise CheckpointError("the optimizer exposes no Adam moments to fill (not an Adam optimizer?)")
     datas = {k: sh.data for k, sh in requests.items()}
