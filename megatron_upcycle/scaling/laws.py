@@ -197,6 +197,17 @@ CHINCHILLA = Law(
     start_grid={"a": _EXP, "b": _EXP},
 )
 
+# One model size: Chinchilla without its N term (N is a constant there, so B N^-b
+# cannot be told apart from E). Valid only at the fitted size; studies of a single
+# size, and the MoE / dense-CPT comparison at one size, use it.
+ONE_SIZE = Law(
+    name="one_size",
+    family="one_size",
+    formula="L = A D^-a + E  (one model size)",
+    terms=(Term("A", (_power("a", "D"),)), Term("E")),
+    start_grid={"a": _EXP},
+)
+
 # Dense and MoE from scratch fitted together with one shared irreducible loss E;
 # the paper fixes the joint upcycling law's E to this value.
 SHARED_E = Law(
@@ -298,7 +309,7 @@ JOINT = Law(
 LAWS: dict[str, Law] = {
     law.name: law
     for law in (
-        CHINCHILLA, SHARED_E,
+        CHINCHILLA, ONE_SIZE, SHARED_E,
         D1D2_MULT_INT, D1D2_MULT, D1D2_ADD_INT, D1D2_ADD,
         CONFIG_ADD, CONFIG_ADD_INT, CONFIG_MULT, CONFIG_MULT_INT,
         JOINT,
