@@ -59,29 +59,30 @@ def laws_table(ctx: ReportContext) -> list[str]:
     return lines
 
 
-def one_size_lines(ctx: ReportContext) -> list[str]:
-    """Without a joint law: D* at each size from that size's own D1-D2 and one-size MoE laws."""
+def one_size_dstar(ctx: ReportContext) -> list[tuple[float, float | None, str]]:
+    """Without a joint law: (N1, D* or None, text) at each size from that size's own
+    D1-D2 and one-size MoE laws."""
     from megatron_upcycle.scaling.derived import DSTAR_RANGE, fitted_predictors, solve_dstar
 
     result = ctx.analysis
     chosen = {s.subset: s.chosen for s in result.selections}
-    lines = []
+    out = []
     for n1 in ctx.dense_sizes():
         try:
             pred = fitted_predictors(result.fits, result.n2_over_n1, n1=n1, selections=chosen)
         except UserError as exc:
-            lines.append(f"- N1 = {n1:,.0f}: {exc}")
+            out.append((n1, None, f"- N1 = {n1:,.0f}: {exc}"))
             continue
         if pred.upcycled is None or pred.moe is None:
-            lines.append(f"- N1 = {n1:,.0f}: needs an upcycled and an MoE-from-scratch law at this size "
-                         f"({pred.source})")
+            out.append((n1, None, f"- N1 = {n1:,.0f}: needs an upcycled and an MoE-from-scratch law at this size "
+                                  f"({pred.source})"))
             continue
         _, first, gap, at = solve_dstar(pred, n1)
         text = (f"D* = {first:.3g} tokens" if first is not None else
                 f"no crossing in {DSTAR_RANGE[0]:.0e}-{DSTAR_RANGE[1]:.0e} tokens (closest {gap:.1e} nats at "
                 f"{at:.3g} tokens)")
-        lines.append(f"- N1 = {n1:,.0f}: {text} ({pred.source})")
-    return lines
+        out.append((n1, first, f"- N1 = {n1:,.0f}: {text} ({pred.source})"))
+    return out
 
 
 def plot_dstar(ctx: ReportContext):
@@ -106,6 +107,10 @@ def plot_dstar(ctx: ReportContext):
             if band:
                 ax.fill_between([r.n1 for r in band], [r.ci_low for r in band], [r.ci_high for r in band],
                                 color="C3", alpha=0.15, label="fitted, 95% bootstrap")
+    else:
+        own = [(n1, d) for n1, d, _ in one_size_dstar(ctx) if d is not None]
+        if own:
+            ax.plot(*zip(*own), "s", color="C3", ms=6, label="this study, one-size laws")
     sizes = ctx.dense_sizes()
     if sizes:
         ax.axvspan(min(sizes) / 1.1, max(sizes) * 1.1, color="C2", alpha=0.15, label="this study's N1 range")
@@ -135,7 +140,7 @@ def dstar_section(ctx: ReportContext) -> list[str]:
         why = "; ".join(f"`{s.form}`: {s.reason}" for s in result.skipped
                         if s.form in ("joint", "dense_moe_shared_E")) or "no joint law"
         out.append(f"No D*(N1) curve from fitted laws ({why}). At each size from its own laws:")
-        out.append("\n".join(one_size_lines(ctx)))
+        out.append("\n".join(text for _, _, text in one_size_dstar(ctx)))
     out.append(f"Paper's laws: {result.dstar_paper.summary}")
     path = plot_dstar(ctx)
     ctx.figures["dstar"] = path
