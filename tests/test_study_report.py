@@ -134,3 +134,11 @@ def test_seeds_key_is_validated(tmp_path):
                          ({"runs": []}, "seeds is empty")):
         with pytest.raises(ConfigError, match=message):
             from_dict(Experiment, {**data, "seeds": bad})
+
+
+def test_report_command_refuses_a_study_that_has_not_run(tmp_path):
+    from conftest import run_cli
+
+    out = run_cli("sweep", "report", str(experiment_preset("paper_joint")), "--root", str(tmp_path / "none"))
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "no runs under" in out.stderr and "Traceback" not in out.stderr

@@ -259,7 +259,8 @@ def _dstar_summary(rows: list[DStarRow], sens: list[DStarSensitivity], delta: fl
                      f"closest at N1 = {best.n1:.3g} ({best.dstar:.3g} vs {best.closed_form:.3g} tokens), "
                      f"farthest at N1 = {worst.n1:.3g} ({worst.dstar:.3g} vs {worst.closed_form:.3g} tokens)")
     if missing:
-        parts.append(f"no crossing in {DSTAR_RANGE[0]:.0e}-{DSTAR_RANGE[1]:.0e} tokens (upcycling predicted better throughout) at N1 = "
+        parts.append(f"no crossing in {DSTAR_RANGE[0]:.0e}-{DSTAR_RANGE[1]:.0e} tokens (upcycling predicted better "
+                     "throughout) at N1 = "
                      + ", ".join(f"{r.n1:.3g} (closest approach {r.closest_gap:.1e} nats at {r.closest_at:.3g} tokens; "
                                  f"closed form says {r.closed_form:.3g})" for r in missing))
     moves = [s for s in sens if s.ratio_to_base is not None]

@@ -22,7 +22,8 @@ def _interval_lines(result) -> list[str]:
                          f"[{a3.ci_low:.3g}, {a3.ci_high:.3g}] is {'resolved' if resolved else '**not** resolved'} "
                          "(interval " + ("excludes" if resolved else "includes") + " 0).")
         ratio = fit.n_points / max(len(free), 1)
-        text = f"- `{fit.form}` ({fit.subset}): {fit.n_points} runs for {len(free)} free parameters ({ratio:.1f} per parameter)"
+        text = (f"- `{fit.form}` ({fit.subset}): {fit.n_points} runs for {len(free)} free parameters "
+                f"({ratio:.1f} per parameter)")
         if wide:
             text += ("; intervals wider than the value or spanning 0: " + ", ".join(p.name for p in wide)
                      + " (these are not pinned down)")
