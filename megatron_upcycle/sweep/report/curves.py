@@ -24,12 +24,13 @@ def plot_training_curves(ctx: ReportContext):
     fig = figures.figure(4.6 * len(models) + 1.6, 6.0)
     axes = fig.subplots(2, len(models), sharex="col", squeeze=False)
     drawn = False
+    probe_seeds = set(ctx.plan.experiment.noise_seeds())  # the noise probe's reruns: not drawn
     for col, model in enumerate(models):
         loss_ax, lr_ax = axes[0][col], axes[1][col]
         upcycled = sorted({r.D1 for r in ctx.plan.runs if r.model == model and r.kind == "upcycle"})
         colours = {d1: f"C{i % 8}" for i, d1 in enumerate(upcycled)}
         for run in ctx.plan.runs:
-            if run.model != model or run.kind == "convert" or run.repeat_of or run.model_kind == "cpt":
+            if run.model != model or run.kind == "convert" or run.seed in probe_seeds or run.model_kind == "cpt":
                 continue
             points = _points(ctx, run)
             if not points:

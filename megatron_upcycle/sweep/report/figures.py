@@ -46,10 +46,12 @@ def plain_log_ticks(ax, axis: str = "both", count: int = 5) -> None:
         scale_axis.set_minor_formatter(NullFormatter())
 
 
-def legend_outside(ax, fontsize: int = 7) -> None:
-    """The legend to the right of the axes, so that it never covers data."""
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=fontsize, frameon=False, borderaxespad=0)
+def legend_outside(ax, fontsize: int = 7, source=None) -> None:
+    """The legend (of ``source``'s lines, default ``ax``'s) to the right of ``ax``, never over data."""
+    handles, labels = (source or ax).get_legend_handles_labels()
+    if handles:
+        ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=fontsize, frameon=False,
+                  borderaxespad=0)
 
 
 def note(ax, text: str) -> None:

@@ -117,7 +117,7 @@ def plot_predicted_vs_observed(ctx: ReportContext):
     res_ax.set_ylabel("predicted - observed (nats)")
     for a in (ax, res_ax):
         a.grid(alpha=0.3)
-    figures.legend_outside(res_ax)
+    figures.legend_outside(res_ax, source=ax)
     return figures.save(fig, ctx.out_dir / "predicted_vs_observed.png")
 
 
