@@ -3,7 +3,8 @@
 - chinchilla: dense runs (D = D1 or tokens, N = N1); MoE-from-scratch runs
   (D likewise, N = N1 of the dense model the MoE is built from, as the paper's
   Table 2 does "for comparison convenience"; N2 when N1 is not recorded).
-- one_size: the dense runs, and the MoE-from-scratch runs, of one model size each.
+- one_size: the dense runs, and the MoE-from-scratch runs, of one model size each;
+  one_size_shared_E: both of one size together (MoE N = N1 when recorded).
 - dense_moe_shared_E: both together, one irreducible loss E.
 - d1d2: upcycled runs of one model (one N1) in the main expert configuration.
 - config: upcycled runs at one (D1, D2) that vary the configuration (P, N2).

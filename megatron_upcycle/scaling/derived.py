@@ -98,6 +98,11 @@ def _split_shared(values: dict[str, float]) -> tuple[dict[str, float], dict[str,
     return dense, moe
 
 
+def _split_one_size(values: dict[str, float]) -> tuple[dict[str, float], dict[str, float]]:
+    return ({"A": values["A_dense"], "a": values["a_dense"], "E": values["E"]},
+            {"A": values["A_moe"], "a": values["a_moe"], "E": values["E"]})
+
+
 def fitted_predictors(fits: list[LawFit], n2_over_n1: float, n1: float | None = None,
                       selections: dict[str, str] | None = None) -> Predictors:
     """Predictors from fitted laws: shared-E dense/MoE (else separate Chinchilla fits) and the
@@ -127,6 +132,15 @@ def fitted_predictors(fits: list[LawFit], n2_over_n1: float, n1: float | None = 
                 pred.moe_uses_n2 = "N = N2" in f.subset
                 moe_samples = f.bootstrap_values()
                 parts.append("chinchilla (MoE)")
+    shared_one = next((f for f in fits if f.form == "one_size_shared_E" and f.n1 is not None
+                       and abs(f.n1 - n1) <= 0.01 * n1), None) if n1 is not None else None
+    if shared_one is not None and pred.dense is None and pred.moe is None:
+        pred.dense, pred.moe = _split_one_size(_raw(shared_one, shared_one.values))
+        pred.dense_form = pred.moe_form = "one_size"
+        pred.dense_n = pred.moe_n = shared_one.n1
+        pairs = [_split_one_size(v) if v else (None, None) for v in shared_one.bootstrap_values()]
+        dense_samples, moe_samples = [p[0] for p in pairs], [p[1] for p in pairs]
+        parts.append(f"one_size_shared_E [{shared_one.subset}]")
     if n1 is not None and pred.dense is None:
         f = _one_size(fits, "dense", n1)
         if f is not None:

@@ -130,7 +130,8 @@ def fits_section(ctx: ReportContext) -> list[str]:
     out = ["## Fitted laws",
            "The laws of the paper fitted to this study's runs (D in tokens, N in parameters, L in nats); the "
            "full comparison of forms, their starts and jackknife errors follow below.", "\n".join(laws_table(result))]
-    skipped = [s for s in result.skipped if s.form in ("chinchilla", "dense_moe_shared_E", "joint", "one_size")]
+    skipped = [s for s in result.skipped
+               if s.form in ("chinchilla", "dense_moe_shared_E", "joint", "one_size", "one_size_shared_E")]
     if skipped:
         out.append("Not fitted: " + "; ".join(f"`{s.form}` ({s.subset}): {s.reason}" for s in skipped) + ".")
     for name, plot, title in (("loss_vs_d2", plot_loss_vs_d2, "Figure 1: loss against D2 per D1"),
