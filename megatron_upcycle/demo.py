@@ -1,8 +1,9 @@
 """The main job: ``make demo`` / ``python -m megatron_upcycle.demo``.
 
 Runs yaml/experiments/cpu_demo.yaml (a miniature upcycling study on the embedded
-corpus) through the local executor, collects results.csv, fits the scaling laws
-and writes ``<root>/report/REPORT.md`` with plots. Interrupted and re-run, it
+corpus: three dense sizes, a noise probe) through the local executor, collects
+results.csv and writes the study report, ``<root>/report/REPORT.md`` with its
+figures (the same report as ``upcycle sweep report``). Interrupted and re-run, it
 continues where it stopped: finished runs are skipped. The last line printed is
 ``demo_wall_minutes: X``.
 """
@@ -31,11 +32,11 @@ def parse_args(argv):
 
 def run_demo(args) -> int:
     from megatron_upcycle.cli.sweep import local_executor
-    from megatron_upcycle.report import write_report
     from megatron_upcycle.sweep.collect import write_results_csv
     from megatron_upcycle.sweep.experiment import load_experiment
     from megatron_upcycle.sweep.materialize import to_dag, write_run_dirs
     from megatron_upcycle.sweep.plan import build_plan, format_plan
+    from megatron_upcycle.sweep.report import write_report
 
     start = time.perf_counter()
     experiment = load_experiment(args.experiment)

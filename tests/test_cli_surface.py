@@ -17,6 +17,6 @@ def test_top_level_commands():
 
 def test_nested_actions():
     commands = _subcommands(build_parser())
-    assert sorted(_subcommands(commands["sweep"])) == ["collect", "plan", "run", "status"]
+    assert sorted(_subcommands(commands["sweep"])) == ["collect", "plan", "report", "run", "status"]
     assert sorted(_subcommands(commands["model"])) == ["info", "list"]
     assert sorted(_subcommands(commands["data"])) == ["info", "prepare"]

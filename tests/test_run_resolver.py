@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 # `upcycle sweep plan` totals before the resolver refactor (runs, tokens, FLOPs, independent
 # tokens, independent FLOPs): the plan must keep describing exactly what runs.
 PINNED = {
-    "cpu_demo": (39, 8_126_464, 8_618_137_092_096, 14_808_064, 16_214_384_836_608),
+    "cpu_demo": (89, 7_797_760, 5_107_898_548_224, 12_282_880, 8_202_857_054_208),  # 3 sizes + noise probe (issue 15)
     "paper_d1d2_grid": (225, 606_171_299_840, 450_652_870_876_436_889_600, 1_201_345_758_720,
                         873_543_591_390_383_308_800),
     "paper_joint": (92, 187_999_846_400, 175_995_568_046_034_911_232, 260_000_000_000,

@@ -10,6 +10,7 @@ import pytest
 from megatron_upcycle.cli import main
 from megatron_upcycle.scaling import AnalysisOptions, FitOptions, analyze, read_fits_json
 from megatron_upcycle.scaling.io import to_jsonable
+from megatron_upcycle.scaling.laws import LAWS
 from megatron_upcycle.scaling.synthetic import MODEL_N1, SyntheticSpec, synthetic_rows, write_results_csv
 
 FAST = FitOptions(n_bootstrap=20)
@@ -36,7 +37,9 @@ def test_demo_grid_writes_every_artifact_and_skips_what_it_cannot_fit(demo):
                  "plots/predicted_vs_observed.png", "plots/dstar_vs_n1.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
         assert str(out / name) in result.files
-    assert {f.form for f in result.fits} == {"d1d2_mult_int", "d1d2_mult", "d1d2_add_int", "d1d2_add"}
+    # One size: the D1-D2 forms and the one-size dense + MoE law (3 dense runs: too few on their own).
+    assert {f.form for f in result.fits} == {"d1d2_mult_int", "d1d2_mult", "d1d2_add_int", "d1d2_add",
+                                             "one_size_shared_E"}
     reasons = {s.form: s.reason for s in result.skipped}
     assert "needs at least 6 runs" in reasons["chinchilla"]  # 3 dense runs of one size
     assert "2 distinct N1" in reasons["joint"] or "needs E from" in reasons["joint"]
@@ -59,7 +62,7 @@ def test_every_point_estimate_has_an_uncertainty(demo):
     for fit in result.fits:
         for p in fit.params:
             assert p.jackknife_se is not None and p.jackknife_se >= 0, (fit.form, p)
-        if fit.form == chosen:
+        if fit.form == chosen or fit.family == "one_size":  # the advisor's laws are bootstrapped
             assert fit.bootstrap.n_samples == 20
             assert all(p.ci_low is not None and p.ci_low <= p.ci_high for p in fit.params)
         else:
@@ -70,7 +73,8 @@ def test_fits_json_round_trips_and_states_units(demo):
     _, out, result = demo
     payload = json.loads((out / "fits.json").read_text())
     assert payload["units_text"] == "D in tokens, N in parameters, L in nats (validation cross-entropy)"
-    assert payload["fits"][0]["params"][0]["name"] == "A"  # named, not positional
+    first = payload["fits"][0]
+    assert first["params"][0]["name"] == LAWS[first["form"]].params[0]  # named, not positional
     back = read_fits_json(out)
     assert to_jsonable(back) == to_jsonable(result)
 
@@ -89,11 +93,12 @@ def test_cli_fit_and_advise_on_the_demo_table(demo, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "d1d2" in text and "chose" in text and "skipped joint" in text and "BFGS runs" in text
     n1 = str(MODEL_N1["0.1B"])
-    # No joint law here: the advisor uses the chosen D1-D2 law of this model; no MoE law, so
-    # only upcycling can be predicted and the reason says what was not compared.
+    # No joint law here: the advisor uses the chosen D1-D2 law of this model and the one-size
+    # dense + MoE law, so all three strategies are compared at this size.
     assert main(["advise", "--fits", str(out), "--n1", n1, "--d1", "4e9", "--tokens", "4e9"]) == 0
     text = capsys.readouterr().out
-    assert text.startswith("recommendation: upcycle") and "not compared" in text
+    assert text.startswith("recommendation: upcycle") and "not compared" not in text
+    assert "moe_from_scratch" in text and "dense_cpt" in text and "one_size_shared_E" in text
     assert main(["advise", "--fits", str(out), "--n1", "5e8", "--d1", "4e9", "--tokens", "4e9"]) == 2
     assert "no upcycled law for N1 = 5e+08" in capsys.readouterr().err
 

@@ -31,6 +31,7 @@ def explicit(form: str, p: dict) -> np.ndarray:
         "config_mult_int": lambda: p["A"] * P ** -p["b1"] * N2 ** (-p["b2"] + p["b3"] * np.log(P)) + p["E"],
         "joint": lambda: p["A"] * D1 ** -p["a1"] * D2 ** (-p["a2"] + p["a3"] * ln1) + p["B"] * N1 ** -p["b"] + p["E"],
         "chinchilla": lambda: p["A"] * D1 ** -p["a"] + p["B"] * N1 ** -p["b"] + p["E"],
+        "one_size": lambda: p["A"] * D1 ** -p["a"] + p["E"],
     }[form]()
 
 
@@ -48,7 +49,8 @@ def random_params(form: str) -> dict:
 
 
 @pytest.mark.parametrize("form", ["d1d2_mult_int", "d1d2_mult", "d1d2_add_int", "d1d2_add", "config_add",
-                                  "config_add_int", "config_mult", "config_mult_int", "joint", "chinchilla"])
+                                  "config_add_int", "config_mult", "config_mult_int", "joint", "chinchilla",
+                                  "one_size"])
 def test_predict_matches_formula(form):
     params = random_params(form)
     cols = {"D1": D1, "D2": D2, "N1": N1, "P": P, "N2": N2, "D": D1, "N": N1}

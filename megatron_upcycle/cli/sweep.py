@@ -1,4 +1,4 @@
-"""``upcycle sweep plan|run|status|collect EXPERIMENT.yaml``."""
+"""``upcycle sweep plan|run|status|collect|report EXPERIMENT.yaml``."""
 from __future__ import annotations
 
 import sys
@@ -14,6 +14,7 @@ def add_parser(subparsers) -> None:
         ("run", "run what is missing (local or slurm)", run_run),
         ("status", "per-run state from the run directories (and squeue: job id and name per run)", run_status),
         ("collect", "write results.csv from finished runs", run_collect),
+        ("report", "REPORT.md + figures from the plan and results.csv (laws, D*, advice, noise)", run_report),
     ]:
         action = sub.add_parser(name, help=help_text)
         action.add_argument("experiment", help="experiment YAML (yaml/experiments/*.yaml)")
@@ -27,6 +28,10 @@ def add_parser(subparsers) -> None:
             action.add_argument("--dry-run", action="store_true",
                                 help="slurm: print the scripts a submission would make now, in order; "
                                      "submit and write nothing")
+        if name == "report":
+            action.add_argument("--out", default=None, help="report directory (default: ROOT/report)")
+            action.add_argument("--results", default=None,
+                                help="results.csv (default: ROOT/results.csv, collected from the runs first)")
         action.set_defaults(run=func)
 
 
@@ -117,4 +122,23 @@ def run_collect(args) -> int:
     plan = _plan(args)
     path, count = write_results_csv(plan.root)
     print(f"wrote {count} rows to {path}")
+    return 0
+
+
+def run_report(args) -> int:
+    from megatron_upcycle.errors import UserError
+    from megatron_upcycle.sweep.collect import write_results_csv
+    from megatron_upcycle.sweep.report import write_report
+
+    plan = _plan(args)
+    if args.results:
+        results = Path(args.results)
+        if not results.is_file():
+            raise UserError(f"results table {results} does not exist")
+    else:
+        if not (plan.root / "runs").is_dir():
+            raise UserError(f"no runs under {plan.root}: run the sweep first (or pass --root / --results)")
+        results, _ = write_results_csv(plan.root)
+    path = write_report(plan, results, Path(args.out) if args.out else plan.root / "report")
+    print(f"report: {path}")
     return 0

@@ -60,8 +60,12 @@ def _plan(table) -> list[_Task]:
     tasks: list[_Task] = []
     for data, kind in ((datasets.dense_data(table), "dense"), (datasets.moe_data(table), "MoE-from-scratch")):
         tasks.append(_Task("chinchilla", data, None if len(data) else f"no {kind} runs in the table"))
+        for sized in datasets.by_size(data):  # valid at that size only; the advisor's law at one size
+            tasks.append(_Task("one_size", sized, n1=float(sized.columns["N"][0])))
     shared = datasets.shared_data(table)
     tasks.append(_Task("dense_moe_shared_E", shared))
+    for sized in datasets.by_size(shared):
+        tasks.append(_Task("one_size_shared_E", sized, n1=float(sized.columns["N"][0])))
     groups = datasets.d1d2_data(table)
     if not groups:
         for form in FAMILY_FORMS["d1d2"]:

@@ -3,6 +3,8 @@
 - chinchilla: dense runs (D = D1, else tokens; N = N1); MoE-from-scratch runs
   (D = tokens, else D1; N = N1 of the dense model the MoE is built from, as the paper's
   Table 2 does "for comparison convenience"; N2 when N1 is not recorded).
+- one_size: the dense runs, and the MoE-from-scratch runs, of one model size each;
+  one_size_shared_E: both of one size together (MoE N = N1 when recorded).
 - dense_moe_shared_E: both together, one irreducible loss E.
 - d1d2: upcycled runs of one model (one N1) in the main expert configuration.
 - config: upcycled runs at one (D1, D2) that vary the configuration (P, N2).
@@ -82,6 +84,17 @@ def moe_data(table: ResultsTable) -> FitData:
     mask = table.rows("moe")
     return _take(table, mask, f"MoE-from-scratch runs ({_d_label(table, mask)}, N = {n})",
                  {"D": _tokens(table), "N": table.col(n)})
+
+
+def by_size(data: FitData) -> list[FitData]:
+    """``data`` split by model size (distinct N), each part labelled with its N."""
+    out = []
+    for n in np.unique(data.columns["N"]):
+        idx = np.flatnonzero(data.columns["N"] == n)
+        out.append(FitData(subset=f"{data.subset}, one size N = {n:,.0f}",
+                           columns={k: v[idx] for k, v in data.columns.items()}, loss=data.loss[idx],
+                           run_ids=tuple(data.run_ids[i] for i in idx)))
+    return out
 
 
 def shared_data(table: ResultsTable) -> FitData:

@@ -20,7 +20,7 @@ from megatron_upcycle.scaling.records import (Advice, AdviceOption, ComputeOptim
                                               scale_columns)
 
 # D* is searched for in this token range (a crossing outside it is reported as none).
-DSTAR_RANGE = (1e6, 1e15)
+DSTAR_RANGE = (1e4, 1e15)  # from below CPU-study budgets to beyond any LLM
 PAPER_N1 = (1e8, 2e8, 5e8, 1e9, 2e9, 5e9, 1e10)
 SENSITIVITY_DELTA = 5e-4
 
@@ -41,16 +41,23 @@ class Predictors:
     upcycled: dict[str, float] | None = None
     upcycled_form: str = "joint"
     upcycled_n1: float | None = None
+    # "chinchilla" (any N) or "one_size" (valid only at dense_n / moe_n, parameters).
+    dense_form: str = "chinchilla"
+    dense_n: float | None = None
+    moe_form: str = "chinchilla"
+    moe_n: float | None = None
     samples: list["Predictors"] = field(default_factory=list)  # bootstrap, aligned by index
     # Sentences for every law here built on parameters the runs do not identify (identification.py).
     warnings: list[str] = field(default_factory=list)
 
     def dense_loss(self, d, n):
-        return predict(LAWS["chinchilla"], self.dense, {"D": np.asarray(d, float), "N": np.asarray(n, float)})
+        _check_size(self.dense_form, self.dense_n, n, "dense")
+        return predict(LAWS[self.dense_form], self.dense, {"D": np.asarray(d, float), "N": np.asarray(n, float)})
 
     def moe_loss(self, d, n1):
         n = np.asarray(n1, float) * (self.n2_over_n1 if self.moe_uses_n2 else 1.0)
-        return predict(LAWS["chinchilla"], self.moe, {"D": np.asarray(d, float), "N": n})
+        _check_size(self.moe_form, self.moe_n, n, "MoE-from-scratch")
+        return predict(LAWS[self.moe_form], self.moe, {"D": np.asarray(d, float), "N": n})
 
     def upcycled_loss(self, d1, d2, n1):
         d1, d2, n1 = np.broadcast_arrays(*(np.asarray(x, dtype=float) for x in (d1, d2, n1)))
@@ -59,6 +66,18 @@ class Predictors:
                             f"it cannot predict N1 = {float(np.ravel(n1)[0]):.4g} (a joint fit needs 2+ model sizes)")
         cols = {"D1": d1, "D2": d2, "N1": n1}
         return predict(LAWS[self.upcycled_form], self.upcycled, cols)
+
+
+def _check_size(form: str, fitted_n: float | None, n, what: str) -> None:
+    if form == "one_size" and not np.allclose(n, fitted_n, rtol=0.01):
+        raise UserError(f"the {what} law here is a one-size fit (N = {fitted_n:.4g}); it cannot predict "
+                        f"N = {float(np.ravel(n)[0]):.4g} (a Chinchilla fit needs 2+ model sizes)")
+
+
+def _one_size(fits: list[LawFit], prefix: str, n: float) -> LawFit | None:
+    """The one-size fit of the ``prefix`` runs ("dense" or "MoE") at size n (parameters)."""
+    return next((f for f in fits if f.form == "one_size" and f.subset.startswith(prefix) and f.n1 is not None
+                 and abs(f.n1 - n) <= 0.01 * n), None)
 
 
 def paper_predictors(n2_over_n1: float = 1.75) -> Predictors:
@@ -80,6 +99,11 @@ def _split_shared(values: dict[str, float]) -> tuple[dict[str, float], dict[str,
              "E": values["E"]}
     moe = {"A": values["A_moe"], "a": values["a_moe"], "B": values["B_moe"], "b": values["b_moe"], "E": values["E"]}
     return dense, moe
+
+
+def _split_one_size(values: dict[str, float]) -> tuple[dict[str, float], dict[str, float]]:
+    return ({"A": values["A_dense"], "a": values["a_dense"], "E": values["E"]},
+            {"A": values["A_moe"], "a": values["a_moe"], "E": values["E"]})
 
 
 def fitted_predictors(fits: list[LawFit], n2_over_n1: float, n1: float | None = None,
@@ -115,6 +139,33 @@ def fitted_predictors(fits: list[LawFit], n2_over_n1: float, n1: float | None = 
                 moe_samples = f.bootstrap_values()
                 parts.append("chinchilla (MoE)")
                 used.append((f, "the MoE-from-scratch law"))
+    shared_one = next((f for f in fits if f.form == "one_size_shared_E" and f.n1 is not None
+                       and abs(f.n1 - n1) <= 0.01 * n1), None) if n1 is not None else None
+    if shared_one is not None and pred.dense is None and pred.moe is None:
+        pred.dense, pred.moe = _split_one_size(_raw(shared_one, shared_one.values))
+        pred.dense_form = pred.moe_form = "one_size"
+        pred.dense_n = pred.moe_n = shared_one.n1
+        pairs = [_split_one_size(v) if v else (None, None) for v in shared_one.bootstrap_values()]
+        dense_samples, moe_samples = [p[0] for p in pairs], [p[1] for p in pairs]
+        parts.append(f"one_size_shared_E [{shared_one.subset}]")
+        used.append((shared_one, "the one-size dense and MoE-from-scratch laws"))
+    if n1 is not None and pred.dense is None:
+        f = _one_size(fits, "dense", n1)
+        if f is not None:
+            pred.dense, pred.dense_form, pred.dense_n = _raw(f, f.values), "one_size", f.n1
+            dense_samples = f.bootstrap_values()
+            parts.append(f"one_size [{f.subset}]")
+            used.append((f, "the one-size dense law"))
+    if n1 is not None and pred.moe is None:
+        # The MoE runs' N is N1 (or N2 = ratio N1 when N1 was not recorded).
+        f = next((f for f in fits if f.subset.startswith("MoE") and _one_size(
+            [f], "MoE", n1 * (n2_over_n1 if "N = N2" in f.subset else 1.0)) is not None), None)
+        if f is not None:
+            pred.moe, pred.moe_form, pred.moe_n = _raw(f, f.values), "one_size", f.n1
+            pred.moe_uses_n2 = "N = N2" in f.subset
+            moe_samples = f.bootstrap_values()
+            parts.append(f"one_size [{f.subset}]")
+            used.append((f, "the one-size MoE-from-scratch law"))
     upc_samples: list = []
     if "joint" in by_form:
         joint = by_form["joint"][0]
@@ -152,7 +203,8 @@ def fitted_predictors(fits: list[LawFit], n2_over_n1: float, n1: float | None = 
         pred.samples.append(Predictors(
             source="bootstrap", n2_over_n1=n2_over_n1, dense=laws[0], moe=laws[1],
             moe_uses_n2=pred.moe_uses_n2, upcycled=laws[2], upcycled_form=pred.upcycled_form,
-            upcycled_n1=pred.upcycled_n1))
+            upcycled_n1=pred.upcycled_n1, dense_form=pred.dense_form, dense_n=pred.dense_n,
+            moe_form=pred.moe_form, moe_n=pred.moe_n))
     return pred
 
 
@@ -188,7 +240,8 @@ def _perturbed(pred: Predictors, name: str, delta: float) -> Predictors:
     upc[name] = upc[name] + delta
     return Predictors(source=pred.source, n2_over_n1=pred.n2_over_n1, dense=pred.dense, moe=pred.moe,
                       moe_uses_n2=pred.moe_uses_n2, upcycled=upc, upcycled_form=pred.upcycled_form,
-                      upcycled_n1=pred.upcycled_n1)
+                      upcycled_n1=pred.upcycled_n1, dense_form=pred.dense_form, dense_n=pred.dense_n,
+                      moe_form=pred.moe_form, moe_n=pred.moe_n)
 
 
 def dstar_report(pred: Predictors, n1_values=PAPER_N1, ci: float = 0.95,

@@ -87,7 +87,7 @@ def fittable_reason(law: Law, data: FitData, fixed: dict[str, float] | None = No
         for label, rows in (("dense", flags == 0), ("MoE-from-scratch", flags == 1)):
             if rows.sum() < 3:
                 return f"needs at least 3 {label} runs, this subset has {int(rows.sum())}"
-            for col in ("D", "N"):
+            for col in (c for c in ("D", "N") if c in law.columns):
                 if len(np.unique(data.columns[col][rows])) < 2:
                     return f"needs at least 2 distinct {col} values among the {label} runs"
     return None

@@ -198,6 +198,31 @@ CHINCHILLA = Law(
     start_grid={"a": _EXP, "b": _EXP},
 )
 
+# One model size: Chinchilla without its N term (N is a constant there, so B N^-b
+# cannot be told apart from E). Valid only at the fitted size; studies of a single
+# size, and the MoE / dense-CPT comparison at one size, use it.
+ONE_SIZE = Law(
+    name="one_size",
+    family="one_size",
+    formula="L = A D^-a + E  (one model size)",
+    terms=(Term("A", (_power("a", "D"),)), Term("E")),
+    start_grid={"a": _EXP},
+)
+
+# The same at one size for dense and MoE from scratch together, one shared E (as the
+# paper's shared-E fit, without its N terms): three dense budgets suffice with it.
+ONE_SIZE_SHARED_E = Law(
+    name="one_size_shared_E",
+    family="one_size",
+    formula="L = A_dense D^-a_dense + E (dense rows); L = A_moe D^-a_moe + E (MoE rows)  (one model size)",
+    terms=(
+        Term("A_dense", (_power("a_dense", "D"),), where="!is_moe"),
+        Term("A_moe", (_power("a_moe", "D"),), where="is_moe"),
+        Term("E"),
+    ),
+    start_grid={"a_dense": (0.05, 0.15, 0.4, 0.8), "a_moe": (0.05, 0.15, 0.4, 0.8)},
+)
+
 # Dense and MoE from scratch fitted together with one shared irreducible loss E;
 # the paper fixes the joint upcycling law's E to this value.
 SHARED_E = Law(
@@ -299,7 +324,7 @@ JOINT = Law(
 LAWS: dict[str, Law] = {
     law.name: law
     for law in (
-        CHINCHILLA, SHARED_E,
+        CHINCHILLA, ONE_SIZE, ONE_SIZE_SHARED_E, SHARED_E,
         D1D2_MULT_INT, D1D2_MULT, D1D2_ADD_INT, D1D2_ADD,
         CONFIG_ADD, CONFIG_ADD_INT, CONFIG_MULT, CONFIG_MULT_INT,
         JOINT,

@@ -46,10 +46,34 @@ class Baselines:
     # More MoE-from-scratch budgets (e.g. up to max D1 + max D2, so its curve can be fitted).
     moe_scratch_extra: TokenGrid = field(default_factory=TokenGrid)
     cpt: bool = True  # dense continued pretraining at matched FLOPs: D_cpt = D2 * N2 / N1
+    # D1 budgets the CPT runs start from (each a subset of d1); empty: every D1.
+    cpt_d1: TokenGrid = field(default_factory=TokenGrid)
 
     REMOVED_KEYS: ClassVar[dict[str, str]] = {
         "dense_scratch": "the decayed dense D1 branches are always the dense-from-scratch baseline",
     }
+
+
+@dataclass
+class Seeds:
+    """Seeds: the whole study runs once per seed in ``runs``; ``extra`` more seeds
+    (runs[0] + 1, + 2, ...) repeat only a noise probe: the first dense model's stable
+    run to D1 = ``d1`` and its decayed branch there, and one upcycled point (that D1,
+    D2 = ``d2``, the first MoE choice, upcycled from the first seed's conversion).
+    The spread of those losses is the run-to-run noise a fit should not beat."""
+
+    runs: list[int] = field(default_factory=lambda: [1234])
+    extra: int = 0
+    d1: int | None = None  # tokens, one of the d1 budgets; default: the middle one
+    d2: int | None = None  # tokens, one of the d2 budgets; default: the middle one
+
+    def extra_seeds(self) -> list[int]:
+        out, candidate = [], self.runs[0]
+        while len(out) < self.extra:
+            candidate += 1
+            if candidate not in self.runs:
+                out.append(candidate)
+        return out
 
 
 @dataclass
@@ -87,7 +111,8 @@ class Experiment:
     # sbatch settings (account, partition, qos, mem, signal_seconds, setup, ...): see
     # megatron_upcycle.sweep.slurm_render.SlurmOptions; unknown names are refused.
     slurm: dict = field(default_factory=dict)
-    seeds: list[int] = field(default_factory=lambda: [1234])
+    # A list of seeds (the whole study per seed), or a Seeds mapping (with a noise probe).
+    seeds: Seeds | list[int] = field(default_factory=Seeds)
     gpu_tflops: float = 400.0  # sustained bf16 TFLOP/s per GPU, for GPU-hour estimates
     output_root: str | None = None  # default: runs_<name> next to the experiment file
 
@@ -105,11 +130,36 @@ class Experiment:
             raise ConfigError("experiment: d1 names no token budgets")
         if self.moe and not self.d2.values():
             raise ConfigError("experiment: d2 names no token budgets")
-        if not self.seeds:
-            raise ConfigError("experiment: seeds is empty")
+        if isinstance(self.seeds, list):
+            self.seeds = Seeds(runs=self.seeds)
+        self._check_seeds()
+        unknown_cpt = sorted(set(self.baselines.cpt_d1.values()) - set(self.d1.values()))
+        if unknown_cpt:
+            raise ConfigError(f"experiment: baselines.cpt_d1 {unknown_cpt} are not d1 budgets "
+                              f"({self.d1.values()})")
         self.resource_table()  # validate now, not at submission
         self.slurm_options()
         self.converter_options()
+
+    def _check_seeds(self) -> None:
+        seeds = self.seeds
+        if not seeds.runs:
+            raise ConfigError("experiment: seeds is empty")
+        if len(set(seeds.runs)) != len(seeds.runs):
+            raise ConfigError(f"experiment: seeds.runs repeats a seed: {seeds.runs}")
+        if seeds.extra < 0:
+            raise ConfigError(f"experiment: seeds.extra must be 0 or more, got {seeds.extra}")
+        for key, grid in (("d1", self.d1.values()), ("d2", self.d2.values())):
+            value = getattr(seeds, key)
+            if value is None:
+                if grid:
+                    setattr(seeds, key, grid[len(grid) // 2])
+            elif value not in grid:
+                raise ConfigError(f"experiment: seeds.{key} = {value} is not one of the {key} budgets {grid}")
+
+    def noise_seeds(self) -> list[int]:
+        """The extra seeds of the noise probe (empty without one)."""
+        return self.seeds.extra_seeds()
 
     def converter_options(self):
         from megatron_upcycle.upcycle.options import UpcycleOptions

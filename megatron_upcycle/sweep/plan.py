@@ -8,6 +8,8 @@ For every dense model and seed:
              -> upcycled branch per D2
        -> dense CPT stable run per D1 at matched FLOPs (D_cpt = D2 N2 / N1) -> CPT branches
   MoE-from-scratch stable run per (E, k) over the D1 and D2 budgets -> branches
+With ``seeds.extra``: a noise probe per extra seed (the first model's dense run to one D1
+and one upcycled point), each branch recording the first seed's run it repeats.
 Tokens and FLOPs (6 N D, N = active non-embedding parameters) are counted per run.
 """
 from __future__ import annotations
@@ -65,6 +67,8 @@ class PlannedRun:
     array_group: str | None = None
     resources_model: str = ""
     resolved: ResolvedRun | None = None  # what the engine will run (None for conversions)
+    seed: int | None = None
+    repeat_of: str | None = None  # noise probe: the first seed's run this one repeats with another seed
 
     @property
     def flops(self) -> int:
@@ -172,7 +176,7 @@ class Planner:
     def _add_stable_and_branches(
         self, prefix: str, cfg: RunConfig, model: str, active: int, depends_on: list[str],
         init: CheckpointMeta | None = None, moe: MoEConfig | None = None, d1: int | None = None,
-        d2_is_budget: bool = False,
+        d2_is_budget: bool = False, repeat_prefix: str | None = None,
     ) -> dict[int, PlannedRun]:
         """A stable run serving ``cfg``'s budgets and one decay branch per budget."""
         stable_id = f"{prefix}-stable"
@@ -181,11 +185,12 @@ class Planner:
         self.plan.runs.append(PlannedRun(
             run_id=stable_id, kind=cfg.kind, model_kind=cfg.kind, model=model, config=cfg,
             depends_on=list(depends_on), tokens=resolved.train_tokens, active_params=active,
-            stage="stable", D1=d1, E=E, k=k, resources_model=model, resolved=resolved,
+            stage="stable", D1=d1, E=E, k=k, resources_model=model, resolved=resolved, seed=cfg.seed,
         ))
         branches = {}
         for budget in cfg.schedule.budgets():
-            run_id = f"{prefix}-{'d2' if d2_is_budget else 'd'}_{fmt_tokens(budget)}"
+            suffix = f"{'d2' if d2_is_budget else 'd'}_{fmt_tokens(budget)}"
+            run_id = f"{prefix}-{suffix}"
             branch_cfg = self._branch_config(stable_id, budget)
             branch = self._resolve(run_id, branch_cfg, parent=cfg, init=init)
             run = PlannedRun(
@@ -193,6 +198,7 @@ class Planner:
                 depends_on=[stable_id], tokens=branch.train_tokens, active_params=active, stage="branch",
                 budget_tokens=budget, D1=d1 if d2_is_budget else budget, D2=budget if d2_is_budget else None,
                 E=E, k=k, array_group=f"{stable_id}-branches", resources_model=model, resolved=branch,
+                seed=cfg.seed, repeat_of=f"{repeat_prefix}-{suffix}" if repeat_prefix else None,
             )
             self.plan.runs.append(run)
             branches[budget] = run
@@ -216,8 +222,8 @@ class Planner:
             dense_model = load_model_config(model)  # unknown names fail here, with the list of presets
             name = dense_model.name
             n1 = self._counts_for(model, None)["N1"]
-            for seed in exp.seeds:
-                tag = name if len(exp.seeds) == 1 else f"{name}-s{seed}"
+            for seed in exp.seeds.runs:
+                tag = name if len(exp.seeds.runs) == 1 else f"{name}-s{seed}"
                 dense_cfg = self._run_config("dense", model, seed, self._stable_schedule(d1s))
                 dense_branches = self._add_stable_and_branches(f"dense-{tag}", dense_cfg, model, n1, [])
                 tpi = dense_branches[d1s[0]].resolved.tokens_per_iter
@@ -256,7 +262,7 @@ class Planner:
                 self.plan.independent_tokens += sum(d1s)
                 self.plan.independent_flops += 6 * n1 * sum(d1s)
                 if exp.baselines.cpt and exp.moe:
-                    for d1 in d1s:
+                    for d1 in exp.baselines.cpt_d1.values() or d1s:
                         # (E, k) choices whose N2 differ only by router parameters give
                         # matched-FLOPs budgets within 0.1%: one CPT run serves them all.
                         budgets = _merge_close(sorted(cpt_budgets[d1]), rel=0.005)
@@ -270,11 +276,44 @@ class Planner:
                         )
                         self.plan.independent_tokens += sum(budgets)
                         self.plan.independent_flops += 6 * n1 * sum(budgets)
+        for seed in exp.noise_seeds():
+            self._add_noise_probe(seed)
         ids = [r.run_id for r in self.plan.runs]
         duplicates = {i for i in ids if ids.count(i) > 1}
         if duplicates:
             raise ConfigError(f"experiment produces duplicate run ids {sorted(duplicates)}: budgets too close")
         return self.plan
+
+    def _add_noise_probe(self, seed: int) -> None:
+        """The first model's dense run to D1 = seeds.d1 and one upcycled point (seeds.d1, seeds.d2)
+        again with ``seed``; the upcycled run starts from the first seed's conversion, so its
+        spread is that of the upcycled training alone."""
+        exp, model = self.exp, self.exp.dense_models[0]
+        dense_model = load_model_config(model)
+        name, d1, d2 = dense_model.name, exp.seeds.d1, exp.seeds.d2
+        main_tag = name if len(exp.seeds.runs) == 1 else f"{name}-s{exp.seeds.runs[0]}"
+        n1 = self._counts_for(model, None)["N1"]
+        cfg = self._run_config("dense", model, seed, self._stable_schedule([d1]))
+        self._add_stable_and_branches(f"dense-{name}-s{seed}", cfg, model, n1, [],
+                                      repeat_prefix=f"dense-{main_tag}")
+        self.plan.independent_tokens += d1
+        self.plan.independent_flops += 6 * n1 * d1
+        if not exp.moe:
+            return
+        moe = _moe_config(exp.moe[0])
+        n2 = self._counts_for(model, moe)["N2"]
+        ek = f"e{moe.num_experts}k{moe.topk}" + (f"g{moe.granularity}" if moe.granularity > 1 else "")
+        convert = self.plan.by_id()[f"convert-{main_tag}-d1_{fmt_tokens(d1)}-{ek}"]
+        upcycle_cfg = self._run_config("upcycle", model, seed, self._stable_schedule([d2]), moe=moe,
+                                       init_from=str(self.plan.run_dir(convert).moe_checkpoint))
+        converted = CheckpointMeta(model=dense_model, moe=moe, has_optimizer=False, run_kind="convert",
+                                   provenance={"source_tokens": d1})
+        self._add_stable_and_branches(
+            f"upcycle-{name}-s{seed}-d1_{fmt_tokens(d1)}-{ek}", upcycle_cfg, model, n2, [convert.run_id],
+            init=converted, moe=moe, d1=d1, d2_is_budget=True,
+            repeat_prefix=f"upcycle-{main_tag}-d1_{fmt_tokens(d1)}-{ek}")
+        self.plan.independent_tokens += d2
+        self.plan.independent_flops += 6 * n2 * d2
 
     def _dense_source(self, branch: PlannedRun) -> tuple[str, str]:
         """(run id to depend on, checkpoint path) of the dense model upcycled at the branch's D1."""
