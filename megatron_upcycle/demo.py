@@ -55,10 +55,25 @@ def run_demo(args) -> int:
         return 1
     results, rows = write_results_csv(plan.root)
     print(f"collected {rows} results into {results}", flush=True)
+    _measure_inference(plan)
     path = write_report(plan, results, plan.root / "report", wall_seconds=time.perf_counter() - start)
     print(f"report: {path}")
     print(f"demo_wall_minutes: {(time.perf_counter() - start) / 60:.1f}")
     return 0
+
+
+def _measure_inference(plan) -> None:
+    """MoE / dense serving speed of the study's final models, for the report's "Inference
+    cost" section (reused when a re-run finds it). A model that cannot be exported is
+    said in one line; the report then falls back to the analytic prediction."""
+    from megatron_upcycle.errors import UserError
+    from megatron_upcycle.inference.report import measure_study_inference
+
+    print("demo: measuring inference cost of the final dense and upcycled models", flush=True)
+    try:
+        measure_study_inference(plan)
+    except UserError as exc:
+        print(f"demo: inference measurement skipped: {exc}", flush=True)
 
 
 def main(argv=None) -> int:

@@ -38,8 +38,13 @@ def _final(runs, key):
 
 
 def final_models(plan) -> dict:
-    """{'dense': run, 'upcycled': [run per (E, k)]}: the study's final (decayed) models."""
-    branches = [r for r in plan.runs if r.stage == "branch"]
+    """{'dense': run, 'upcycled': [run per (E, k)]}: the study's final (decayed) models of its
+    largest dense size (the last of ``dense_models`` with branches), first seed only: the
+    dense and MoE compared are one model before and after upcycling."""
+    branches = [r for r in plan.runs if r.stage == "branch" and r.repeat_of is None]
+    sizes = [m for m in plan.experiment.dense_models if any(r.model == m for r in branches)]
+    if sizes:
+        branches = [r for r in branches if r.model == sizes[-1]]
     dense = _final([r for r in branches if r.model_kind == "dense"], lambda r: r.budget_tokens or 0)
     upcycled = []
     for ek in sorted({(r.E, r.k) for r in branches if r.model_kind == "upcycle"}):

@@ -6,6 +6,8 @@ calls it). The report is the sections of SECTIONS, in order; each takes the Repo
 Modules, one job each: context (what sections read), summary, results (table), curves
 (Figure 3), fits (laws, Figure 1, predicted vs observed), dstar (observed, fitted, paper's;
 Figure 4/6), advice, noise (seed spread against LOO RMS), limits, figures (drawing helpers).
+Sections that belong to another package are written ``(plan, rows, out_dir) -> list[str]``
+and wrapped with ``plain``: inference cost (megatron_upcycle.inference.report).
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from megatron_upcycle.atomic import write_text_atomic
+from megatron_upcycle.inference.report import inference_section
 from megatron_upcycle.sweep.plan import Plan
 from megatron_upcycle.sweep.report.advice import advice_section
 from megatron_upcycle.sweep.report.context import ReportContext, build_context
@@ -44,8 +47,7 @@ SECTIONS: list[Section] = [
     dstar_section,
     advice_section,
     noise_section,
-    # Plug-in point: plain(inference_section) and plain(downstream_section) go here, each
-    # ``(plan, rows, out_dir) -> list[str]``.
+    plain(inference_section),
     limits_section,
 ]
 
