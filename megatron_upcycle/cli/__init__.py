@@ -36,6 +36,7 @@ SUBCOMMAND_MODULES = [
     "verify",
     "inspect",
     "export_hf",
+    "eval",
     "sweep",
     "fit",
 ]
