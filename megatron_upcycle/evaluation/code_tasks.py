@@ -10,8 +10,9 @@ through its task YAML (see ``task_files``). Three tasks:
                    identifier of a line, an identifier that occurred earlier in
                    the context; scored by the harness's greedy exact match
                    (``acc`` of a loglikelihood task). Random baseline 0.
-  code_closure     a line whose end closes two or more brackets: choose the
-                   right closing sequence among 4 of the same length. Any other
+  code_closure     a line that ends by closing two or more brackets (then
+                   perhaps ``:`` or ``,``), brackets found by Python's tokenizer:
+                   choose the right closing sequence among 4 of the same length. Any other
                    sequence of that length mismatches an open bracket, so every
                    distractor is a syntax error. Random baseline 1/4.
 
@@ -75,7 +76,7 @@ def _scan(text: str) -> tuple[set[int], list[tuple[int, int, str, str]]]:
             row, col = run[0][0].start
             closers = "".join(tok.string for tok, _ in run)
             before = run[0][1]
-            if lines[row - 1][col:col + len(closers)] == closers and len(before) >= len(closers):
+            if lines[row - 1][col:].rstrip() == closers + suffix and len(before) >= len(closers):
                 runs.append((row - 1, col, closers, suffix))
         line_tokens.clear()
 

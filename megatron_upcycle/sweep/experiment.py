@@ -78,6 +78,22 @@ class Training:
 
 
 @dataclass
+class EvalOptions:
+    """Downstream evaluation of every final (decayed) model: one eval run each."""
+
+    tasks: list[str] = field(default_factory=lambda: ["code_next_line", "code_identifier", "code_closure"])
+    num_fewshot: int = 0
+    limit: int | None = None  # items per task (None: all)
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise ConfigError("experiment: eval.tasks is empty")
+        if self.num_fewshot < 0 or (self.limit is not None and self.limit < 1):
+            raise ConfigError(f"experiment: eval needs num_fewshot >= 0 and limit >= 1 or null, got "
+                              f"num_fewshot {self.num_fewshot}, limit {self.limit}")
+
+
+@dataclass
 class Experiment:
     name: str
     dense_models: list[str]
@@ -98,6 +114,7 @@ class Experiment:
     # megatron_upcycle.sweep.slurm_render.SlurmOptions; unknown names are refused.
     slurm: dict = field(default_factory=dict)
     seeds: list[int] = field(default_factory=lambda: [1234])
+    eval: EvalOptions | None = None  # downstream evaluation of every final model (None: none)
     gpu_tflops: float = 400.0  # sustained bf16 TFLOP/s per GPU, for GPU-hour estimates
     output_root: str | None = None  # default: runs_<name> next to the experiment file
 

@@ -23,6 +23,8 @@ def config_text(run: PlannedRun) -> str:
 def command_for(run: PlannedRun, config_path: Path) -> list[str]:
     if run.kind == "convert":
         return [sys.executable, "-m", "megatron_upcycle.sweep.convert_run", "--config", str(config_path)]
+    if run.kind == "eval":
+        return [sys.executable, "-m", "megatron_upcycle.evaluation.run", "--config", str(config_path)]
     from megatron_upcycle.resources import launcher
 
     return ["bash", str(launcher()), "--config", str(config_path)]
@@ -61,14 +63,16 @@ def to_dag(plan: Plan, cpu_only: bool = False) -> RunDAG:
         res = plan.experiment.resources_for(run.resources_model)
         run_dir = plan.run_dir(run)
         on_gpu = run.kind != "convert" and not cpu_only
+        # An evaluation is one process on one GPU (when the run's nodes have any).
+        gpus = (min(1, res.gpus_per_node) if run.kind == "eval" else res.gpus_per_node) if on_gpu else 0
         nodes.append(RunNode(
             run_id=run.run_id,
             kind=run.kind,
             run_dir=run_dir.path,
             command=command_for(run, run_dir.config),
             depends_on=run.depends_on,
-            nodes=res.nodes if on_gpu else 1,
-            gpus_per_node=res.gpus_per_node if on_gpu else 0,
+            nodes=res.nodes if on_gpu and run.kind != "eval" else 1,
+            gpus_per_node=gpus,
             time_minutes=res.time_minutes,
             array_group=run.array_group,
         ))

@@ -20,6 +20,7 @@ from typing import Sequence
 from megatron_upcycle.config.loading import from_dict
 from megatron_upcycle.errors import ConfigError
 from megatron_upcycle.resources import sbatch_template_dir
+from megatron_upcycle.run_kinds import SINGLE_PROCESS_KINDS
 from megatron_upcycle.rundir import RESULT_FILE
 from megatron_upcycle.sweep import shell_values as sv
 from megatron_upcycle.sweep.dag import RunNode
@@ -105,7 +106,7 @@ _LAUNCH = {
 _ABOUT = {
     "train": ("srun starts it once per node, where launch/train.sh turns it into torchrun\n"
               "# (MASTER_ADDR is the first host, NODE_RANK is SLURM_NODEID)."),
-    "convert": "a conversion: one process on one node.",
+    "convert": "a conversion or an evaluation: one process on one node.",
 }
 _JOB_ID = re.compile(r"[0-9]+(_[0-9]+)?")
 
@@ -121,7 +122,7 @@ def _resources(options: SlurmOptions, node: RunNode) -> tuple:
         node.gpus_per_node if options.gpus_per_node is None else options.gpus_per_node,
         options.cpus_per_task or node.cpus_per_task,
         options.time_minutes or node.time_minutes,
-        "convert" if node.kind == "convert" else "train",
+        "convert" if node.kind in SINGLE_PROCESS_KINDS else "train",
     )
 
 
@@ -224,7 +225,7 @@ def render_sbatch(
                          "they cannot share one job array")
     job_name = job_name or default_job_name(options, runs)
     check_inputs(options, runs, workdir, log_dir, dependencies, job_name)
-    launch = "convert" if runs[0].kind == "convert" else "train"
+    launch = "convert" if runs[0].kind in SINGLE_PROCESS_KINDS else "train"
     template = _SbatchTemplate(template_for(runs[0].kind, Path(template_dir)).read_text())
     setup = "\n".join(options.setup) if options.setup else "# (no setup lines)"
     return template.substitute(
