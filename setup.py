@@ -28,7 +28,9 @@ setup(
     extras_require={
         "gpu": ["transformer-engine[pytorch]>=2.0", "flash-attn>=2.6"],
         "hf": ["transformers>=5.0,<6"],
-        "test": ["pytest>=8", "transformers>=5.0,<6"],
+        # `upcycle eval`: EleutherAI lm-evaluation-harness with its hf backend (accelerate, datasets).
+        "eval": ["lm-eval[hf]>=0.4,<0.5", "transformers>=5.0,<6"],
+        "test": ["pytest>=8", "transformers>=5.0,<6", "lm-eval[hf]>=0.4,<0.5"],
     },
     entry_points={"console_scripts": ["upcycle=megatron_upcycle.cli:console_main"]},
 )

@@ -46,10 +46,15 @@ def flat_rows(results: dict) -> list[dict]:
     return rows
 
 
-def core_average(rows: list[dict]) -> tuple[float | None, list[str], list[str]]:
-    """(core average, tasks in it, tasks left out for want of a chance level)."""
+def core_average(rows: list[dict]) -> tuple[float | None, float | None, list[str], list[str]]:
+    """(core average, its standard error, tasks in it, tasks left out for want of a chance level).
+
+    The standard error treats tasks as independent: sqrt(sum (se_t / (1 - chance_t))^2) / T.
+    """
     by_key = {(r["task"], r["metric"]): r["value"] for r in rows}
     normalised, used, left_out = [], [], []
+    errors = {(r["task"], r["metric"]): r["stderr"] for r in rows}
+    scaled: list[float | None] = []
     for task in dict.fromkeys(r["task"] for r in rows):
         metric, chance = CHANCE.get(task, (None, None))
         if metric is None or (task, metric) not in by_key:
@@ -57,15 +62,20 @@ def core_average(rows: list[dict]) -> tuple[float | None, list[str], list[str]]:
             continue
         normalised.append((by_key[(task, metric)] - chance) / (1 - chance))
         used.append(task)
-    return (sum(normalised) / len(normalised) if normalised else None), used, left_out
+        stderr = errors.get((task, metric))
+        scaled.append(None if stderr is None else stderr / (1 - chance))
+    if not normalised:
+        return None, None, used, left_out
+    stderr = None if None in scaled else math.sqrt(sum(e * e for e in scaled)) / len(scaled)
+    return sum(normalised) / len(normalised), stderr, used, left_out
 
 
 def eval_summary(results: dict) -> dict:
     """eval.json's body: the flat rows, the core-average row last."""
     rows = flat_rows(results)
-    average, used, left_out = core_average(rows)
+    average, stderr, used, left_out = core_average(rows)
     if average is not None:
-        rows.append({"task": CORE_AVERAGE, "metric": "acc_above_chance", "value": average, "stderr": None,
+        rows.append({"task": CORE_AVERAGE, "metric": "acc_above_chance", "value": average, "stderr": stderr,
                      "n": len(used)})
     return {"rows": rows, "core_average": average, "core_tasks": used, "core_left_out": left_out,
             "chance": {t: CHANCE[t][1] for t in used}}
@@ -77,4 +87,6 @@ def result_columns(summary: dict) -> dict[str, float]:
     for row in summary.get("rows", []):
         name = "eval_core_average" if row["task"] == CORE_AVERAGE else f"eval_{row['task']}_{row['metric']}"
         columns[name] = row["value"]
+        if row["task"] == CORE_AVERAGE and row.get("stderr") is not None:
+            columns["eval_core_average_stderr"] = row["stderr"]
     return columns
