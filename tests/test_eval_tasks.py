@@ -98,3 +98,13 @@ def test_distractors_come_from_the_same_file():
     items = code_tasks.next_line_items(code_tasks.CodeFile("f.py", text), random.Random(0))
     lines = set(text.split("\n"))
     assert items and all(set(item["choices"]) <= lines for item in items)
+
+
+def test_offline_switches_are_set_before_the_harness_is_imported():
+    import subprocess
+    import sys
+
+    code = ("from megatron_upcycle.evaluation.offline import go_offline; go_offline(); import datasets.config, "
+            "huggingface_hub.constants as c; print(datasets.config.HF_DATASETS_OFFLINE, c.HF_HUB_OFFLINE)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["True", "True"], out.stderr[-2000:]

@@ -52,7 +52,13 @@ def check_request(request: EvalRequest) -> None:
 
 def evaluate_into(out_dir: str | os.PathLike, request: EvalRequest, log=print) -> dict:
     """Run ``request``; write lm_eval_results.json, then eval.json (last) into ``out_dir``; return eval.json's body."""
-    import lm_eval
+    from megatron_upcycle.evaluation.offline import go_offline
+
+    go_offline()  # before datasets / huggingface_hub are imported: they read the switches at import
+    try:
+        import lm_eval
+    except ImportError:
+        raise UserError("lm-evaluation-harness is not installed: pip install -e '.[eval]' (lm-eval 0.4)") from None
 
     from megatron_upcycle.evaluation.aggregate import eval_summary
     from megatron_upcycle.evaluation.harness import load_tasks, run_harness
