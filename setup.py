@@ -32,7 +32,9 @@ setup(
         # upcycle bench-inference's GPU engine (the one Doubov et al. used); needs CUDA. vLLM pins
         # its own torch and transformers: install it where those pins can be met.
         "serve": ["vllm>=0.6.2"],
-        "test": ["pytest>=8", "transformers>=5.0,<6"],
+        # `upcycle eval`: EleutherAI lm-evaluation-harness with its hf backend (accelerate, datasets).
+        "eval": ["lm-eval[hf]>=0.4,<0.5", "transformers>=5.0,<6"],
+        "test": ["pytest>=8", "transformers>=5.0,<6", "lm-eval[hf]>=0.4,<0.5"],
     },
     entry_points={"console_scripts": ["upcycle=megatron_upcycle.cli:console_main"]},
 )

@@ -8,6 +8,7 @@ are. A branch of a dense stable run is kind ``branch``, model kind ``dense``.
   cpt          dense continued pretraining from a dense checkpoint
   branch       the decay of a stable run's checkpoint, in its own directory
   convert      dense checkpoint -> MoE checkpoint (no training)
+  eval         downstream evaluation of a final model (lm-evaluation-harness)
 
 The results table and the scaling fits call upcycled models ``upcycled``
 (the paper's word); ``FIT_KIND`` is the one place that translates.
@@ -18,10 +19,12 @@ from typing import Literal
 
 TrainKind = Literal["dense", "moe", "upcycle", "branch", "cpt"]
 ModelKind = Literal["dense", "moe", "upcycle", "cpt"]
-Stage = Literal["stable", "branch", "convert", "full"]
+Stage = Literal["stable", "branch", "convert", "full", "eval"]
 
 TRAIN_KINDS: tuple[str, ...] = ("dense", "moe", "upcycle", "branch", "cpt")
-RUN_KINDS: tuple[str, ...] = TRAIN_KINDS + ("convert",)
+RUN_KINDS: tuple[str, ...] = TRAIN_KINDS + ("convert", "eval")
+# Kinds that run as one plain process (no torchrun, no srun across nodes).
+SINGLE_PROCESS_KINDS = frozenset({"convert", "eval"})
 MODEL_KINDS: tuple[str, ...] = ("dense", "moe", "upcycle", "cpt")
 MOE_MODEL_KINDS = frozenset({"moe", "upcycle"})
 # Kinds that start from a checkpoint named by ``init_from``.

@@ -8,6 +8,8 @@
              tensorboard/
              logs/                   executors' stdout/stderr, tracebacks of internal errors
              .lock                   held (flock) by the one process working in the run
+             eval.json               downstream results, flat (eval runs and `upcycle eval --out`)
+             lm_eval_results.json    the harness's own results JSON beside it
              result.json             written last and atomically: its presence means "done"
 
 A run directory belongs to one process at a time: ``RunDir.lock()`` takes an
@@ -37,6 +39,8 @@ METRICS_FILE = "metrics.jsonl"
 RESULT_FILE = "result.json"
 LOCK_FILE = ".lock"
 IDENTITY_FILE = "run_identity.json"
+EVAL_FILE = "eval.json"
+HARNESS_RESULTS_FILE = "lm_eval_results.json"
 
 
 def checkpoint_name(iteration: int) -> str:
@@ -92,6 +96,15 @@ class RunDir:
     @property
     def result(self) -> Path:
         return self.path / RESULT_FILE
+
+    @property
+    def eval_result(self) -> Path:
+        """eval.json: written last and atomically by an evaluation; its presence means evaluated."""
+        return self.path / EVAL_FILE
+
+    @property
+    def harness_results(self) -> Path:
+        return self.path / HARNESS_RESULTS_FILE
 
     @property
     def lock_file(self) -> Path:

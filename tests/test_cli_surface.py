@@ -11,7 +11,7 @@ def _subcommands(parser: argparse.ArgumentParser) -> dict:
 
 def test_top_level_commands():
     assert sorted(_subcommands(build_parser())) == [
-        "advise", "bench-inference", "convert", "data", "export-hf", "fit", "inspect", "model", "selftest",
+        "advise", "bench-inference", "convert", "data", "eval", "export-hf", "fit", "inspect", "model", "selftest",
         "sweep", "verify"]
 
 

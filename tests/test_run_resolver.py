@@ -16,7 +16,9 @@ REPO = Path(__file__).resolve().parents[1]
 # `upcycle sweep plan` totals before the resolver refactor (runs, tokens, FLOPs, independent
 # tokens, independent FLOPs): the plan must keep describing exactly what runs.
 PINNED = {
-    "cpu_demo": (89, 7_797_760, 5_107_898_548_224, 12_282_880, 8_202_857_054_208),  # 3 sizes + noise probe (issue 15)
+    # cpu_demo: 89 training and conversion runs (3 sizes + noise probe, issue 15) + 18 eval runs
+    # (the largest size's final models, issue 14; 0 tokens each)
+    "cpu_demo": (107, 7_797_760, 5_107_898_548_224, 12_282_880, 8_202_857_054_208),
     "paper_d1d2_grid": (225, 606_171_299_840, 450_652_870_876_436_889_600, 1_201_345_758_720,
                         873_543_591_390_383_308_800),
     "paper_joint": (92, 187_999_846_400, 175_995_568_046_034_911_232, 260_000_000_000,
@@ -57,13 +59,13 @@ def test_planned_configs_resolve_as_the_engine_resolves_them(tmp_path):
     from megatron_upcycle.config.presets import load_model_config
     from megatron_upcycle.config.run import RunConfig
     from megatron_upcycle.resolve import resolve_run
+    from megatron_upcycle.run_kinds import SINGLE_PROCESS_KINDS
     from megatron_upcycle.sweep.materialize import config_text
 
     plan = _plan("cpu_demo", tmp_path)
-    read = {r.run_id: from_dict(RunConfig, yaml.safe_load(config_text(r))) for r in plan.runs if r.kind != "convert"}
-    for run in plan.runs:
-        if run.kind == "convert":
-            continue
+    trained = [r for r in plan.runs if r.kind not in SINGLE_PROCESS_KINDS]  # conversions and evals do not train
+    read = {r.run_id: from_dict(RunConfig, yaml.safe_load(config_text(r))) for r in trained}
+    for run in trained:
         cfg = read[run.run_id]
         parent = read[run.depends_on[0]] if cfg.kind == "branch" else None
         base = parent or cfg

@@ -37,6 +37,7 @@ SUBCOMMAND_MODULES = [
     "inspect",
     "export_hf",
     "bench_inference",
+    "eval",
     "sweep",
     "fit",
     "selftest",

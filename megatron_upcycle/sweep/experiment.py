@@ -90,6 +90,25 @@ class Training:
 
 
 @dataclass
+class EvalOptions:
+    """Downstream evaluation of every final (decayed) model: one eval run each."""
+
+    tasks: list[str] = field(default_factory=lambda: ["code_next_line", "code_identifier", "code_closure"])
+    num_fewshot: int = 0
+    limit: int | None = None  # items per task (None: all)
+    # Evaluate the final models of these dense sizes only (names of dense_models; None: all):
+    # a study's evaluation costs one export + harness start per final model.
+    models: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise ConfigError("experiment: eval.tasks is empty")
+        if self.num_fewshot < 0 or (self.limit is not None and self.limit < 1):
+            raise ConfigError(f"experiment: eval needs num_fewshot >= 0 and limit >= 1 or null, got "
+                              f"num_fewshot {self.num_fewshot}, limit {self.limit}")
+
+
+@dataclass
 class Experiment:
     name: str
     dense_models: list[str]
@@ -113,6 +132,7 @@ class Experiment:
     slurm: dict = field(default_factory=dict)
     # A list of seeds (the whole study per seed), or a Seeds mapping (with a noise probe).
     seeds: Seeds | list[int] = field(default_factory=Seeds)
+    eval: EvalOptions | None = None  # downstream evaluation of every final model (None: none)
     gpu_tflops: float = 400.0  # sustained bf16 TFLOP/s per GPU, for GPU-hour estimates
     output_root: str | None = None  # default: runs_<name> next to the experiment file
 
@@ -133,6 +153,11 @@ class Experiment:
         if isinstance(self.seeds, list):
             self.seeds = Seeds(runs=self.seeds)
         self._check_seeds()
+        if self.eval is not None and self.eval.models is not None:
+            unknown = sorted(set(self.eval.models) - set(self.dense_models))
+            if unknown or not self.eval.models:
+                raise ConfigError(f"experiment: eval.models {unknown or '[]'} must name models of dense_models "
+                                  f"({', '.join(self.dense_models)})")
         unknown_cpt = sorted(set(self.baselines.cpt_d1.values()) - set(self.d1.values()))
         if unknown_cpt:
             raise ConfigError(f"experiment: baselines.cpt_d1 {unknown_cpt} are not d1 budgets "

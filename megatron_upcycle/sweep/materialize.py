@@ -23,6 +23,8 @@ def config_text(run: PlannedRun) -> str:
 def command_for(run: PlannedRun, config_path: Path) -> list[str]:
     if run.kind == "convert":
         return [sys.executable, "-m", "megatron_upcycle.sweep.convert_run", "--config", str(config_path)]
+    if run.kind == "eval":
+        return [sys.executable, "-m", "megatron_upcycle.evaluation.run", "--config", str(config_path)]
     from megatron_upcycle.resources import launcher
 
     return ["bash", str(launcher()), "--config", str(config_path)]
@@ -64,14 +66,18 @@ def to_dag(plan: Plan, cpu_only: bool = False) -> RunDAG:
     for run in plan.runs:
         res = table.for_run(run.run_id, run.kind, run.resources_model)
         run_dir = plan.run_dir(run)
+        gpus = 0 if cpu_only else res.gpus_per_node
+        single = cpu_only or run.kind == "eval"
+        if run.kind == "eval":  # one process on one GPU (when the run's nodes have any)
+            gpus = min(1, gpus)
         nodes.append(RunNode(
             run_id=run.run_id,
             kind=run.kind,
             run_dir=run_dir.path,
             command=command_for(run, run_dir.config),
             depends_on=run.depends_on,
-            nodes=1 if cpu_only else res.nodes,
-            gpus_per_node=0 if cpu_only else res.gpus_per_node,
+            nodes=1 if single else res.nodes,
+            gpus_per_node=gpus,
             cpus_per_task=None if cpu_only else res.cpus_per_task,
             time_minutes=res.time_minutes,
             array_group=run.array_group,

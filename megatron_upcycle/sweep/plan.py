@@ -10,6 +10,7 @@ For every dense model and seed:
   MoE-from-scratch stable run per (E, k) over the D1 and D2 budgets -> branches
 With ``seeds.extra``: a noise probe per extra seed (the first model's dense run to one D1
 and one upcycled point), each branch recording the first seed's run it repeats.
+With ``eval:``: an eval run after every branch (every final model, noise probe included).
 Tokens and FLOPs (6 N D, N = active non-embedding parameters) are counted per run.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ from megatron_upcycle.config.optim import OptimConfig
 from megatron_upcycle.config.presets import load_model_config
 from megatron_upcycle.config.run import RunConfig, ScheduleConfig
 from megatron_upcycle.errors import ConfigError
+from megatron_upcycle.evaluation.run import EvalRunConfig
 from megatron_upcycle.parallel import ParallelConfig
 from megatron_upcycle.resolve import ResolvedRun, resolve_run
 from megatron_upcycle.run_kinds import MOE_MODEL_KINDS, ModelKind, Stage
@@ -54,7 +56,7 @@ class PlannedRun:
     kind: str  # a run kind (megatron_upcycle.run_kinds.RUN_KINDS)
     model_kind: ModelKind  # what the weights are (convert: upcycle)
     model: str
-    config: RunConfig | ConvertRunConfig  # written as the run's config.yaml
+    config: RunConfig | ConvertRunConfig | EvalRunConfig  # written as the run's config.yaml
     depends_on: list[str]
     tokens: int  # tokens this run trains on
     active_params: int  # N in 6 N D
@@ -278,6 +280,8 @@ class Planner:
                         self.plan.independent_flops += 6 * n1 * sum(budgets)
         for seed in exp.noise_seeds():
             self._add_noise_probe(seed)
+        if exp.eval is not None:
+            self._add_evals()
         ids = [r.run_id for r in self.plan.runs]
         duplicates = {i for i in ids if ids.count(i) > 1}
         if duplicates:
@@ -314,6 +318,23 @@ class Planner:
             repeat_prefix=f"upcycle-{main_tag}-d1_{fmt_tokens(d1)}-{ek}")
         self.plan.independent_tokens += d2
         self.plan.independent_flops += 6 * n2 * d2
+
+    def _add_evals(self) -> None:
+        """One eval run after every final (decayed) model: dense, upcycled, MoE from scratch, CPT."""
+        options = self.exp.eval
+        finals = [r for r in self.plan.runs if r.stage in ("branch", "full")
+                  and (options.models is None or r.model in options.models)]
+        for run in finals:
+            checkpoint = self.plan.run_dir(run).checkpoint(run.resolved.stop_iter)
+            config = EvalRunConfig(checkpoint=str(checkpoint), target=run.run_id, tasks=list(options.tasks),
+                                   num_fewshot=options.num_fewshot, limit=options.limit)
+            self.plan.runs.append(PlannedRun(
+                run_id=f"eval-{run.run_id}", kind="eval", model_kind=run.model_kind, model=run.model, config=config,
+                depends_on=[run.run_id], tokens=0, active_params=run.active_params, stage="eval",
+                budget_tokens=run.budget_tokens, D1=run.D1, D2=run.D2, E=run.E, k=run.k,
+                resources_model=run.resources_model, seed=run.seed,
+                repeat_of=f"eval-{run.repeat_of}" if run.repeat_of else None,
+            ))
 
     def _dense_source(self, branch: PlannedRun) -> tuple[str, str]:
         """(run id to depend on, checkpoint path) of the dense model upcycled at the branch's D1."""

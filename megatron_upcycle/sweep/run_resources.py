@@ -37,7 +37,7 @@ from typing import Iterable
 
 from megatron_upcycle.config.loading import from_dict
 from megatron_upcycle.errors import ConfigError
-from megatron_upcycle.run_kinds import RUN_KINDS
+from megatron_upcycle.run_kinds import RUN_KINDS, SINGLE_PROCESS_KINDS
 
 
 @dataclass
@@ -126,10 +126,11 @@ class ResourceTable:
                         raise ConfigError(f"{where}.by_kind: unknown run kind '{kind}'"
                                           f"{_did_you_mean(str(kind), RUN_KINDS)}; kinds: {', '.join(RUN_KINDS)}")
                     table.by_kind[kind] = _job_resources(res, f"{where}.by_kind.{kind}")
-                convert = table.by_kind.get("convert")
-                if convert is not None and convert.nodes not in (None, 1):
-                    raise ConfigError(f"{where}.by_kind.convert: nodes must be 1 (a conversion is one process), "
-                                      f"got {convert.nodes}")
+                for kind in SINGLE_PROCESS_KINDS:
+                    single = table.by_kind.get(kind)
+                    if single is not None and single.nodes not in (None, 1):
+                        raise ConfigError(f"{where}.by_kind.{kind}: nodes must be 1 (a {kind} run is one process), "
+                                          f"got {single.nodes}")
             elif key == "by_run":
                 if not isinstance(value, dict):
                     raise ConfigError(f"{where}.by_run: expected a mapping of run ids or globs, got {value!r}")

@@ -347,8 +347,15 @@ class SlurmExecutor:
 
     def _job_name(self, dag: RunDAG, runs: list[RunNode], taken: set[str]) -> str:
         node = runs[0]
-        parents = [dag[d].kind for d in node.depends_on if d in dag] if node.kind == "branch" else []
-        parent_kind = parents[0] if len(set(parents)) == 1 else None
+        parent_kind = None
+        if node.kind in ("branch", "eval"):
+            # What the weights are: a branch's stable run's kind; an eval's branch's (two hops).
+            parents = [dag[d] for d in node.depends_on if d in dag]
+            if node.kind == "eval":
+                parents = [dag[d] for p in parents for d in p.depends_on if d in dag] if all(
+                    p.kind == "branch" for p in parents) else parents
+            kinds = {p.kind for p in parents}
+            parent_kind = kinds.pop() if len(kinds) == 1 else None
         for chars in range(4, 41):  # a longer hash on the (rare) collision
             name = default_job_name(self.options, runs, parent_kind, hash_chars=chars)
             if name not in taken:

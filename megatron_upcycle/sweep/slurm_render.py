@@ -21,6 +21,7 @@ from typing import Sequence
 from megatron_upcycle.config.loading import from_dict
 from megatron_upcycle.errors import ConfigError
 from megatron_upcycle.resources import sbatch_template_dir
+from megatron_upcycle.run_kinds import SINGLE_PROCESS_KINDS
 from megatron_upcycle.rundir import RESULT_FILE
 from megatron_upcycle.sweep import shell_values as sv
 from megatron_upcycle.sweep.dag import RunNode
@@ -109,7 +110,7 @@ _LAUNCH = {
 _ABOUT = {
     "train": ("srun starts it once per node, where launch/train.sh turns it into torchrun\n"
               "# (MASTER_ADDR is the first host, NODE_RANK is SLURM_NODEID)."),
-    "convert": "a conversion: one process on one node.",
+    "convert": "a conversion or an evaluation: one process on one node.",
 }
 # A dependency is a Slurm job id ("123", "123_4" for an array task) or, while a
 # submission is rendered before sbatch has answered, the placeholder of an earlier
@@ -128,7 +129,7 @@ def _resources(options: SlurmOptions, node: RunNode) -> tuple:
         node.gpus_per_node if options.gpus_per_node is None else options.gpus_per_node,
         options.cpus_per_task or node.cpus_per_task,
         options.time_minutes or node.time_minutes,
-        "convert" if node.kind == "convert" else "train",
+        "convert" if node.kind in SINGLE_PROCESS_KINDS else "train",
     )
 
 
@@ -189,18 +190,18 @@ def _select_run(runs: Sequence[RunNode]) -> str:
 # and a conversion (uC-...); the hash of the job's run ids keeps names unique
 # (lengthened on a collision, see sweep.slurm) and equal across resubmissions.
 MODEL_KIND_LETTER = {"dense": "d", "moe": "m", "upcycle": "u", "cpt": "c"}
-STAGE_LETTER = {"start": "S", "branch": "B", "convert": "C"}
+STAGE_LETTER = {"start": "S", "branch": "B", "convert": "C", "eval": "E"}
 
 
 def job_code(runs: Sequence[RunNode], parent_kind: str | None = None) -> str:
     """Two letters: what the weights are (d dense, m moe, u upcycled, c cpt; b a branch of
     an unknown parent) and the stage (S trains from its start: stable or full run,
-    B decay branch(es), C conversion)."""
+    B decay branch(es), C conversion, E evaluation of a final model)."""
     node = runs[0]
     if node.kind == "convert":
         return "u" + STAGE_LETTER["convert"]  # it makes the upcycled model
-    if node.kind == "branch":
-        return MODEL_KIND_LETTER.get(parent_kind or "", "b") + STAGE_LETTER["branch"]
+    if node.kind in ("branch", "eval"):
+        return MODEL_KIND_LETTER.get(parent_kind or "", "b") + STAGE_LETTER[node.kind]
     return MODEL_KIND_LETTER[node.kind] + STAGE_LETTER["start"]
 
 
@@ -254,7 +255,7 @@ def render_sbatch(
                          "they cannot share one job array")
     job_name = job_name or default_job_name(options, runs)
     check_inputs(options, runs, workdir, log_dir, dependencies, job_name)
-    launch = "convert" if runs[0].kind == "convert" else "train"
+    launch = "convert" if runs[0].kind in SINGLE_PROCESS_KINDS else "train"
     template = _SbatchTemplate(template_for(runs[0].kind, Path(template_dir)).read_text())
     setup = "\n".join(options.setup) if options.setup else "# (no setup lines)"
     return template.substitute(

@@ -7,7 +7,8 @@ Modules, one job each: context (what sections read), summary, results (table), c
 (Figure 3), fits (laws, Figure 1, predicted vs observed), dstar (observed, fitted, paper's;
 Figure 4/6), advice, noise (seed spread against LOO RMS), limits, figures (drawing helpers).
 Sections that belong to another package are written ``(plan, rows, out_dir) -> list[str]``
-and wrapped with ``plain``: inference cost (megatron_upcycle.inference.report).
+and wrapped with ``plain``: inference cost (megatron_upcycle.inference.report) and downstream
+quality (megatron_upcycle.evaluation.report).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from megatron_upcycle.atomic import write_text_atomic
+from megatron_upcycle.evaluation.report import downstream_section
 from megatron_upcycle.inference.report import inference_section
 from megatron_upcycle.sweep.plan import Plan
 from megatron_upcycle.sweep.report.advice import advice_section
@@ -48,6 +50,7 @@ SECTIONS: list[Section] = [
     advice_section,
     noise_section,
     plain(inference_section),
+    plain(downstream_section),
     limits_section,
 ]
 
