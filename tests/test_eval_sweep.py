@@ -21,7 +21,9 @@ def plan(tmp_path_factory):
 
 
 def test_every_final_model_gets_an_eval_run(plan):
-    finals = [r for r in plan.runs if r.stage == "branch"]
+    # cpu_demo evaluates its largest size only (eval.models); every final model of it gets one.
+    assert plan.experiment.eval.models == ["cpu-demo"]
+    finals = [r for r in plan.runs if r.stage == "branch" and r.model == "cpu-demo"]
     evals = {r.run_id: r for r in plan.runs if r.kind == "eval"}
     assert {r.model_kind for r in finals} == {"dense", "upcycle", "moe", "cpt"}
     assert len(evals) == len(finals)
@@ -31,6 +33,23 @@ def test_every_final_model_gets_an_eval_run(plan):
         assert node.config.checkpoint == str(plan.run_dir(run).checkpoint(run.resolved.stop_iter))
         assert node.config.target == run.run_id and node.config.limit == plan.experiment.eval.limit
         assert node.config.tasks == ["code_next_line", "code_identifier", "code_closure"]
+
+
+def test_eval_models_default_to_every_size_and_are_checked(tmp_path):
+    from megatron_upcycle.errors import ConfigError
+    from megatron_upcycle.sweep.experiment import load_experiment
+    from megatron_upcycle.sweep.plan import build_plan
+
+    text = Path(experiment_preset("cpu_demo")).read_text()
+    everything = tmp_path / "all.yaml"
+    everything.write_text(text.replace(", models: [cpu-demo]}", "}"))
+    plan = build_plan(load_experiment(str(everything)), tmp_path / "root")
+    finals = [r for r in plan.runs if r.stage == "branch"]
+    assert len([r for r in plan.runs if r.kind == "eval"]) == len(finals)
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(text.replace("models: [cpu-demo]", "models: [cpu-dem]"))
+    with pytest.raises(ConfigError, match="eval.models"):
+        load_experiment(str(typo))
 
 
 def test_an_eval_run_renders_like_a_conversion(plan):

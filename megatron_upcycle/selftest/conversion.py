@@ -71,7 +71,7 @@ def convert(ctx) -> Outcome:
     dense = ctx.shared["dense"].run_dir.checkpoint(training.runs.STEPS)
     out = ctx.work / f"moe-{EXPERTS}x-top{TOPK}"
     report = _offline(ctx, "convert", str(dense), str(out), str(EXPERTS), str(TOPK))
-    ctx.shared["dense_checkpoint"], ctx.shared["moe_checkpoint"] = dense, out
+    ctx.shared["dense_checkpoint"], ctx.shared["converted"] = dense, out
     if report["status"] != "ok":
         raise Failed(f"converter status {report['status']}: max |delta logit| {report['logit_max_abs']:.3g} "
                      f"(max |logit| {report['logit_scale']:.3g}), output {report['out']}")
@@ -105,7 +105,7 @@ def verify_device(ctx) -> Outcome:
     from megatron_upcycle.verify import DEFAULT_TOLERANCE
 
     ctx.use_layout(ParallelConfig())
-    dense_ckpt, moe_ckpt = ctx.shared["dense_checkpoint"], ctx.shared["moe_checkpoint"]
+    dense_ckpt, moe_ckpt = ctx.shared["dense_checkpoint"], ctx.shared["converted"]
     moe_cfg = read_meta(moe_ckpt).moe
     model_cfg = read_meta(dense_ckpt).model
     device = "cuda" if ctx.on_gpu else "cpu"
@@ -138,7 +138,7 @@ def verify_device(ctx) -> Outcome:
 
 def export_hf(ctx) -> Outcome:
     out = ctx.work / f"hf-moe-{EXPERTS}x-top{TOPK}"
-    report = _offline(ctx, "export", str(ctx.shared["moe_checkpoint"]), str(out))
+    report = _offline(ctx, "export", str(ctx.shared["converted"]), str(out))
     if not report["passed"]:
         raise Failed(f"{report['architecture']} logits differ from Megatron's by {report['logit_max_abs']:.3g} "
                      f"> {report['tolerance']:.3g}; loading: {report['loading_problems'] or 'clean'}")
