@@ -54,7 +54,7 @@ def tiny_export(out: Path) -> Path:
         torch.manual_seed(0)
         state = {k: v for k, v in build_gpt_model(model, None, select_backend(force_cpu=True)).state_dict().items()
                  if not k.endswith("_extra_state")}
-    return export_hf(state, model, None, out / "hf", tokenizer_json=tokenizer)
+    return export_hf(state, model, None, out / "hf", tokenizer_json=tokenizer).out
 
 
 def timed(cmd: list[str]) -> float:

@@ -45,9 +45,7 @@ def export_tiny(backend, out: Path, model: ModelConfig, moe: MoEConfig | None, s
 
     gpt = random_gpt(backend, model, moe, seed)
     state = {k: v for k, v in gpt.state_dict().items() if not k.endswith("_extra_state")}
-    from megatron_upcycle.inference.inputs import export_dir
-
-    return export_dir(export_hf(state, model, moe, out, tokenizer_json=tokenizer))
+    return export_hf(state, model, moe, out, tokenizer_json=tokenizer).out
 
 
 def train_tokenizer(path: Path, vocab_size: int = 300, text: str = "the upcycled mixture of experts") -> str:

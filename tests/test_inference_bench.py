@@ -26,7 +26,8 @@ def models(megatron_cpu, tmp_path_factory):
     return {
         "dense": export_tiny(megatron_cpu, root / "dense", model, None, tokenizer=tok),
         "moe": export_tiny(megatron_cpu, root / "moe", model, MoEConfig(num_experts=4, topk=2), seed=1, tokenizer=tok),
-        "moe_ckpt": save_tiny_checkpoint(megatron_cpu, root / "moe-run", model, MoEConfig(num_experts=4, topk=2),
+        # top-1: exported on the fly as Qwen2-MoE (softmax-then-top-1 is what Mixtral cannot express)
+        "moe_ckpt": save_tiny_checkpoint(megatron_cpu, root / "moe-run", model, MoEConfig(num_experts=4, topk=1),
                                          seed=2, tokenizer=tok),
         "other_vocab": export_tiny(megatron_cpu, root / "other-vocab",
                                    tiny_model().__class__(**{**tiny_model().__dict__, "vocab_size": 384}),
@@ -49,6 +50,7 @@ def test_benchmark_writes_results_csv_plots_and_ratios(models, tmp_path):
     assert labels[0] == "dense" and len(labels) == 3
     assert [m["role"] for m in data["models"]] == ["dense", "moe", "moe"]
     assert data["models"][2]["exported_from_checkpoint"] and data["models"][2]["experts"] == 4
+    assert data["models"][2]["topk"] == 1
     # Every workload, model, batch size and rate measured, with wall and CPU time.
     rows = data["measurements"]
     assert {(r["workload"], r["model"]) for r in rows} == {(w, m) for w in ("offline", "decode", "online")

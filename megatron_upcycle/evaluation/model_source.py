@@ -58,7 +58,7 @@ def hf_model_dir(path: str | Path, work_dir: str | Path | None = None, log=print
             model, moe, state, _ = load_full_model_state(path)
         finally:
             destroy_distributed()
-        out = export_hf(state, model, moe, tmp / "hf", tokenizer_json=meta.tokenizer)
+        out = export_hf(state, model, moe, tmp / "hf", tokenizer_json=meta.tokenizer).out
         del state
         log(f"exported {path} to a temporary Hugging Face directory")
         yield out

@@ -67,12 +67,7 @@ def export_checkpoint(checkpoint: Path, out: Path) -> Path:
     tokenizer = meta.tokenizer if meta.tokenizer and Path(meta.tokenizer).exists() else None
     # Process groups: the caller's when it has some (a study, a test), else set up and torn down here.
     model, moe, state, _ = load_full_model_state(checkpoint)
-    return export_dir(export_hf(state, model, moe, out, tokenizer_json=tokenizer))
-
-
-def export_dir(result) -> Path:
-    """The directory ``export_hf`` wrote: it returns a Path, or (verified exports) a result whose ``out`` it is."""
-    return Path(getattr(result, "out", result))
+    return export_hf(state, model, moe, out, tokenizer_json=tokenizer).out
 
 
 def _is_checkpoint(path: Path) -> bool:
