@@ -36,13 +36,17 @@ def _task_columns(rows: list[dict]) -> list[str]:
 def task_table(rows: list[dict]) -> str:
     columns = _task_columns(rows)
     head = " | ".join(c.removeprefix("eval_") for c in columns)
-    lines = [f"| kind | D1 (tokens) | D2 (tokens) | val loss (nats) | {head} | core average |",
-             "|---|---:|---:|---:|" + "---:|" * (len(columns) + 1)]
-    ordered = sorted(rows, key=lambda r: (KIND_ORDER.get(r["kind"], 9), _num(r.get("D1")) or 0, _num(r.get("D2")) or 0))
+    several = len({r.get("model") for r in rows}) > 1  # a model column only when sizes differ
+    lines = [("| model " if several else "") + f"| kind | D1 (tokens) | D2 (tokens) | val loss (nats) | {head} "
+             "| core average |",
+             ("|---" if several else "") + "|---|---:|---:|---:|" + "---:|" * (len(columns) + 1)]
+    ordered = sorted(rows, key=lambda r: (r.get("model") or "", KIND_ORDER.get(r["kind"], 9), _num(r.get("D1")) or 0,
+                                          _num(r.get("D2")) or 0))
     for r in ordered:
         cells = [f"{_num(r.get(c)):.3f}" if _num(r.get(c)) is not None else "-" for c in columns + [CORE]]
         d1, d2, loss = _num(r.get("D1")), _num(r.get("D2")), _num(r.get("val_loss"))
-        lines.append(f"| {r['kind']} | {f'{int(d1):,}' if d1 else '-'} | {f'{int(d2):,}' if d2 else '-'} | "
+        lines.append((f"| {r.get('model')} " if several else "")
+                     + f"| {r['kind']} | {f'{int(d1):,}' if d1 else '-'} | {f'{int(d2):,}' if d2 else '-'} | "
                      f"{f'{loss:.4f}' if loss is not None else '-'} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
