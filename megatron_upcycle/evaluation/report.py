@@ -52,7 +52,8 @@ def task_table(rows: list[dict]) -> str:
 
 
 def plot_core_vs_loss(rows: list[dict], path: Path) -> Path | None:
-    from megatron_upcycle.scaling.plots import _figure, _save
+    from megatron_upcycle.plotting import figure as _figure
+    from megatron_upcycle.plotting import save_png as _save
 
     fig = _figure(6.4, 4.4)
     ax = fig.subplots()
@@ -96,7 +97,8 @@ def matched_pairs(rows: list[dict]) -> list[tuple[float, float, float, float, st
 def plot_relative_improvement(pairs, path: Path) -> Path | None:
     from matplotlib.ticker import ScalarFormatter
 
-    from megatron_upcycle.scaling.plots import _figure, _save
+    from megatron_upcycle.plotting import figure as _figure
+    from megatron_upcycle.plotting import save_png as _save
 
     usable = [(model, d1, d2, 100 * (u - c) / abs(c)) for d1, d2, u, c, model in pairs if abs(c) > 1e-9 and d2]
     if not usable:

@@ -7,38 +7,12 @@
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
-from megatron_upcycle.atomic import current_umask
+from megatron_upcycle.plotting import figure, save_png
 
 LATENCY_PNG = "latency_vs_throughput.png"
 BARS_PNG = "max_throughput.png"
-
-
-def figure(width: float, height: float):
-    from matplotlib.figure import Figure  # no pyplot: no global state, no display
-
-    return Figure(figsize=(width, height), layout="constrained")
-
-
-def save_png(fig, path: Path) -> Path:
-    """Written under a temporary name and renamed: never a half-written plot."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(fig)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp creates 0600; a plot is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _engine_label(results: dict) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from megatron_upcycle.config.model import MoEConfig
 from megatron_upcycle.inference.cost import H100_SXM, ModelShape, decode_step, forward_flops_per_token, max_batch
-from megatron_upcycle.inference.plots import figure, save_png
+from megatron_upcycle.plotting import figure, save_png
 
 STUDY_INFERENCE_DIR = "inference"
 PAPER_SIZES = ("15M", "44M", "0.1B", "0.2B", "0.5B", "1B")

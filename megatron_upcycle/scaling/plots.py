@@ -13,38 +13,15 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from megatron_upcycle.atomic import current_umask
+from megatron_upcycle.plotting import figure as _figure
+from megatron_upcycle.plotting import save_png as _save
 from megatron_upcycle.scaling.io import ResultsTable
 from megatron_upcycle.scaling.laws import design, to_internal
 from megatron_upcycle.scaling.records import AnalysisResult, LawFit, scale_columns
-
-
-def _figure(width: float = 6.4, height: float = 4.8):
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), layout="constrained")
-
-
-def _save(fig, path: Path) -> Path:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(fig)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp creates 0600; a plot is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _rows(table: ResultsTable, run_ids: list[str]) -> np.ndarray:

@@ -1,20 +1,11 @@
 """Drawing helpers shared by the report's figures: a figure, plain log ticks, a legend
-outside the axes, an atomic save (matplotlib Agg; no pyplot state)."""
+outside the axes; the figure and its atomic save are megatron_upcycle.plotting's."""
 from __future__ import annotations
-
-import os
-import tempfile
-from pathlib import Path
 
 import numpy as np
 
-from megatron_upcycle.atomic import current_umask
-
-
-def figure(width: float, height: float):
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), layout="constrained")
+from megatron_upcycle.plotting import figure  # noqa: F401 (the sections call figures.figure and figures.save)
+from megatron_upcycle.plotting import save_png as save  # noqa: F401
 
 
 def compact(x: float) -> str:
@@ -57,20 +48,3 @@ def legend_outside(ax, fontsize: int = 7, source=None) -> None:
 def note(ax, text: str) -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, wrap=True, fontsize=9)
     ax.set_axis_off()
-
-
-def save(fig, path: Path) -> Path:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(fig)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.chmod(tmp, 0o666 & ~current_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
