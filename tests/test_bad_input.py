@@ -149,6 +149,11 @@ TABLE = {
     "bench-inference not an export": ("upcycle", ["bench-inference", "{in}/empty_ckpt", "{in}/empty_ckpt", "--out",
                                                   "{out}", "--engine", "transformers"],
                                       "neither a Hugging Face export", False),
+    # eval: a model path; selftest: its output directory
+    "eval not a model": ("upcycle", ["eval", "{in}/binary.dat", "--tasks", "code_next_line", "--out", "{out}"],
+                         "neither a Hugging Face model directory", False),
+    "selftest out is a file": ("upcycle", ["selftest", "--cpu", "--quick", "--out", "{in}/binary.dat"],
+                               "is an existing file, not a directory", False),
     # sweep: experiment YAML
     "sweep plan unknown key": ("upcycle", ["sweep", "plan", "{in}/exp_typo.yaml", "--root", "{out}"],
                                "did you mean 'dense_models'", False),

@@ -19,7 +19,7 @@ MOE = MoEConfig(num_experts=4, topk=2)
 
 def _run(run_id, model_kind, stage="branch", budget=None, d1=None, d2=None, e=None, k=None):
     return SimpleNamespace(run_id=run_id, model_kind=model_kind, stage=stage, budget_tokens=budget, D1=d1, D2=d2,
-                           E=e, k=k, resolved=SimpleNamespace(stop_iter=1))
+                           E=e, k=k, resolved=SimpleNamespace(stop_iter=1), model="tiny", repeat_of=None)
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +33,23 @@ def study(megatron_cpu, tmp_path_factory):
     model = tiny_model("cpu-tiny")
     save_tiny_checkpoint(megatron_cpu, root / "runs" / "dense-d_2K", model, None)
     save_tiny_checkpoint(megatron_cpu, root / "runs" / "upcycle-d1_2K-d2_2K", model, MOE, seed=1)
-    return SimpleNamespace(root=root, runs=runs, experiment=SimpleNamespace(name="tiny"),
+    return SimpleNamespace(root=root, runs=runs, experiment=SimpleNamespace(name="tiny", dense_models=["tiny"]),
                            run_dir=lambda run: RunDir(root / "runs" / (run if isinstance(run, str) else run.run_id)))
+
+
+def test_final_models_are_one_size_before_and_after_upcycling():
+    """Several sizes: the largest dense size's final dense model and its upcycled models, first seed."""
+    def run(run_id, kind, model, repeat_of=None, **budgets):
+        return SimpleNamespace(**{**vars(_run(run_id, kind, **budgets)), "model": model, "repeat_of": repeat_of})
+
+    runs = [run("dense-small-d_4K", "dense", "small", budget=4000), run("dense-big-d_2K", "dense", "big", budget=2000),
+            run("dense-big-s2-d_2K", "dense", "big", repeat_of="dense-big-d_2K", budget=3000),
+            run("upcycle-small", "upcycle", "small", d1=4000, d2=4000, e=4, k=2),
+            run("upcycle-big", "upcycle", "big", d1=2000, d2=2000, e=4, k=2)]
+    plan = SimpleNamespace(runs=runs, experiment=SimpleNamespace(name="sizes", dense_models=["small", "big"]))
+    finals = final_models(plan)
+    assert finals["dense"].run_id == "dense-big-d_2K"
+    assert [r.run_id for r in finals["upcycled"]] == ["upcycle-big"]
 
 
 def test_final_models_are_the_largest_budgets(study):

@@ -185,7 +185,10 @@ def test_one_outlier_is_named_and_the_robust_criterion_keeps_the_generating_form
 
 def test_advise_paper_without_a_crossing_says_so(capsys):
     assert main(["advise", "--paper", "--n1", "1e8", "--d1", "1e10", "--tokens", "1e10"]) == 0
-    assert "D*(N1): no crossing in 1e6-1e15 tokens" in capsys.readouterr().out
+    from megatron_upcycle.scaling.derived import DSTAR_RANGE
+    from megatron_upcycle.scaling.records import range_text
+
+    assert f"D*(N1): no crossing in {range_text(DSTAR_RANGE)}" in capsys.readouterr().out
     assert main(["advise", "--paper", "--n1", "1e8", "--d1", "10", "--tokens", "10", "--tokens-unit", "parsecs"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--tokens-unit must be one of" in err[0]
@@ -202,7 +205,10 @@ def test_dstar_plot_marks_n1_without_a_crossing_and_labels_are_whole():
                             effective_exponents=[], n2_over_n1=1.75, files=[], n_bfgs_runs=0, n_bfgs_iterations=0,
                             seconds=0.0)
     texts = [t.get_text() for t in dstar_figure(result).axes[0].get_legend().get_texts()]
-    assert any("no crossing in 1e6-1e15 tokens" in t for t in texts), texts
+    from megatron_upcycle.scaling.derived import DSTAR_RANGE
+    from megatron_upcycle.scaling.records import range_text
+
+    assert any(f"no crossing in {range_text(DSTAR_RANGE)}" in t for t in texts), texts
     missing = [r.n1 for r in paper.rows if r.dstar is None]
     partial = [n for n in missing if any(s.n1 == n and s.dstar is not None for s in paper.sensitivity)]
     band = next(t for t in texts if "nudged" in t)
