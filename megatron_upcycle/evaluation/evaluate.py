@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_upcycle.atomic import current_umask, write_json_atomic
+from megatron_upcycle.atomic import staged_directory, write_json_atomic
 from megatron_upcycle.errors import UserError
 from megatron_upcycle.rundir import RunDir
 
@@ -92,17 +90,8 @@ def evaluate_to_new_dir(out_dir: str | os.PathLike, request: EvalRequest, log=pr
     if out.exists():
         raise UserError(f"{out} already exists; choose a new output directory")
     check_request(request)  # before creating anything
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
-    try:
-        staging.chmod(0o777 & ~current_umask())
+    with staged_directory(out) as staging:
         summary = evaluate_into(staging, request, log=log)
-        if out.exists():
-            raise UserError(f"{out} already exists; choose a new output directory")
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return summary
 
 

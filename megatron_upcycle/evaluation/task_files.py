@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from megatron_upcycle.atomic import current_umask, write_json_atomic, write_text_atomic
+from megatron_upcycle.atomic import staged_directory, write_json_atomic, write_text_atomic
 from megatron_upcycle.errors import UserError
 from megatron_upcycle.evaluation import code_tasks
 
@@ -102,10 +100,7 @@ def prepare_tasks(out: str | os.PathLike, seed: int = SEED, log=print) -> Path:
         raise UserError(f"{out} already exists; choose a new directory for the tasks")
     files, training_text = embedded_split()
     decontaminator = code_tasks.Decontaminator(training_text)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
-    try:
-        staging.chmod(0o777 & ~current_umask())
+    with staged_directory(out, "choose a new directory for the tasks") as staging:
         counts = {}
         for task in SHIPPED_TASKS.values():
             items = code_tasks.build_items(task.name, files, decontaminator, seed)
@@ -119,12 +114,6 @@ def prepare_tasks(out: str | os.PathLike, seed: int = SEED, log=print) -> Path:
             "python": sys.version.split()[0], "counts": counts,
             "chance": {name: task.chance for name, task in SHIPPED_TASKS.items()},
         })
-        if out.exists():
-            raise UserError(f"{out} already exists; choose a new directory for the tasks")
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 

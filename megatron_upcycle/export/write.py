@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_upcycle.atomic import current_umask, write_json_atomic
+from megatron_upcycle.atomic import current_umask, unique_failed_name, write_json_atomic
 from megatron_upcycle.config.model import ModelConfig, MoEConfig
 from megatron_upcycle.errors import UserError
 from megatron_upcycle.export.check import DEFAULT_TOLERANCE, ExportCheck, check_export, megatron_logits, \
@@ -168,7 +168,7 @@ def export_hf(
             write_json_atomic(tmp / PROVENANCE_FILE, provenance)
             if not result.check.passed:
                 write_json_atomic(tmp / FAILED_MARKER, result.check.to_dict())
-                result.out, result.status = _unique_failed_name(out_dir), "failed"
+                result.out, result.status = unique_failed_name(out_dir), "failed"
                 os.replace(tmp, result.out)
                 raise ExportVerificationError(result)
         if out_dir.exists():  # appeared while we were writing
@@ -178,15 +178,6 @@ def export_hf(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return result
-
-
-def _unique_failed_name(out: Path) -> Path:
-    candidate = out.with_name(out.name + ".failed")
-    n = 1
-    while candidate.exists():
-        n += 1
-        candidate = out.with_name(f"{out.name}.failed{n}")
-    return candidate
 
 
 def _check_verify_memory(state_dict: dict[str, torch.Tensor]) -> None:

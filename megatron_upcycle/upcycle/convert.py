@@ -100,15 +100,6 @@ def _check_verify_memory(model: ModelConfig, moe: MoEConfig) -> None:
         )
 
 
-def _unique_failed_name(out: Path) -> Path:
-    candidate = out.with_name(out.name + ".failed")
-    n = 1
-    while candidate.exists():
-        n += 1
-        candidate = out.with_name(f"{out.name}.failed{n}")
-    return candidate
-
-
 def write_moe_checkpoint(
     tmp: Path,
     source,
@@ -254,12 +245,12 @@ def _write_and_verify(tmp, out, dense, source, model, moe, options, exact, why, 
         meta.provenance["verification"] = report.summary()
         meta.write(tmp)
         if not report.passed:
-            from megatron_upcycle.atomic import write_json_atomic
+            from megatron_upcycle.atomic import unique_failed_name, write_json_atomic
 
             meta.run_kind = "convert-failed"  # loadable for inspection, never mistaken for a result
             meta.write(tmp)
             write_json_atomic(tmp / FAILED_MARKER, report.to_dict())
-            failed = _unique_failed_name(out)
+            failed = unique_failed_name(out)
             release(tmp)
             os.replace(tmp, failed)
             return ConvertResult(failed, "failed", write_seconds, tensor_bytes, meta, report)
