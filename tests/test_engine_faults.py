@@ -186,6 +186,19 @@ def test_executors_report_a_run_held_elsewhere_as_running(tmp_path, lock_holder)
     assert slurm == {"held": RunState.RUNNING, "child": RunState.NOT_SUBMITTED}
 
 
+def _remount_read_only(mount, seconds: float = 30.0) -> None:
+    """``mount -o remount,ro``, retried: the SIGKILLed trainer's checkpoint-writer child can
+    hold a file open for a moment after its parent died ("mount point is busy")."""
+    deadline = time.monotonic() + seconds
+    while True:
+        proc = subprocess.run(["mount", "-o", "remount,ro", str(mount)], capture_output=True, text=True)
+        if proc.returncode == 0:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"could not remount {mount} read-only: {proc.stderr.strip()}")
+        time.sleep(0.5)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 def test_read_only_disk_is_one_line_and_keeps_the_checkpoints(tmp_path):
     from engine_runs import start_and_interrupt
@@ -197,7 +210,7 @@ def test_read_only_disk_is_one_line_and_keeps_the_checkpoints(tmp_path):
         proc = start_and_interrupt(config, at_iteration=5, sig=signal.SIGKILL)
         proc.wait(timeout=60)
         before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
-        subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+        _remount_read_only(mount)
         proc = train(config)
         assert proc.returncode == 74, proc.stderr[-2000:]
         lines = [line for line in proc.stderr.splitlines() if line.startswith("train:")]
